@@ -1,0 +1,73 @@
+"""Defaults shared by every task config, and the preset machinery.
+
+Task configs (configs/<task>.py) start from `base()` and apply a preset:
+  python main.py --config=configs/listops.py:cpu --workdir=/tmp/run
+Every field can be overridden from the command line, e.g.
+  --config.attention.kind=local --config.attention.local.window=64
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import ml_collections
+
+import attention_variants as av
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0                    # model init, dropout, data order, attention rng
+  c.data_dir = ''               # TFDS data dir; '' -> $TFDS_DATA_DIR or ./tfds_data
+  c.task = ml_collections.ConfigDict()  # filled by the task config
+
+  c.model = ml_collections.ConfigDict(dict(
+      num_layers=2,             # transformer blocks
+      dim=64,                   # residual width
+      num_heads=4,              # query heads
+      num_kv_heads=0,           # key/value heads (GQA); 0 -> num_heads
+      mlp_dim=128,              # hidden width of each block's MLP
+      dropout=0.0,              # dropout on residual branches and embeddings
+      pos_emb='learned',        # 'learned' | 'sinusoidal'
+      pooling='cls',            # classification pooling: 'cls' | 'mean'
+      dtype='float32',          # activation dtype: 'float32' | 'bfloat16'
+  ))
+
+  # What is computed (kind + that kind's block) and how (implementation).
+  c.attention = ml_collections.ConfigDict(dict(
+      kind='full',              # one of attention_variants.KINDS
+      implementation='auto',    # 'auto' | 'xla' | 'cudnn' | 'pallas' | 'reference'
+  ))
+  # One block per registered variant with its hyperparameters; the defaults
+  # live in each variant module (DEFAULTS) and are documented there.
+  for kind in av.KINDS:
+    c.attention[kind] = av.defaults(kind)
+
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=32,            # global batch; must divide across devices
+      num_steps=1000,           # optimizer steps
+      learning_rate=1e-3,       # peak learning rate
+      warmup_steps=100,         # linear warmup, then cosine decay to 0
+      weight_decay=0.01,        # AdamW decoupled weight decay
+      b1=0.9,                   # Adam beta1
+      b2=0.98,                  # Adam beta2
+      eps=1e-9,                 # Adam epsilon
+      grad_clip=1.0,            # global-norm gradient clipping; 0 disables
+      eval_every=200,           # validation every N steps (and at the end)
+      log_every=50,             # progress line + metrics.jsonl every N steps
+      checkpoint_every=200,     # latest checkpoint every N steps (and at the end)
+      eval_batch_size=0,        # 0 -> batch_size
+  ))
+  return c
+
+
+def with_preset(config: ml_collections.ConfigDict, arg: str | None,
+                presets: Mapping[str, Callable[[ml_collections.ConfigDict], None]],
+                default: str) -> ml_collections.ConfigDict:
+  """Applies the named preset in place; unknown names list the valid ones."""
+  name = arg or default
+  if name not in presets:
+    raise ValueError(f'unknown preset {name!r}; valid presets: '
+                     f'{", ".join(presets)}')
+  presets[name](config)
+  config.preset = name          # recorded in config.json and results.json
+  return config

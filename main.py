@@ -1,0 +1,78 @@
+"""Train, evaluate, benchmark or compare attention variants.
+
+  python main.py --config=configs/listops.py:cpu --workdir=runs/listops \
+      --config.attention.kind=local --config.attention.local.window=32
+
+Modes (--mode): train (default: train, validate, test the best checkpoint,
+write results.json; rerunning resumes). Errors a user can cause end in one
+line starting with 'error:' and exit status 1.
+"""
+import logging as std_logging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+MODES = ('train',)
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file and preset, e.g. configs/listops.py:cpu; '
+    'override fields with --config.<field>=<value>.', lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Run directory: config.json, metrics.jsonl, TensorBoard '
+    'events, checkpoints, results.json.')
+_MODE = flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
+_STEPS_THIS_RUN = flags.DEFINE_integer(
+    'max_steps_this_run', None, 'Stop (checkpointed) after this many steps, '
+    'as a preemption would; rerun to resume.')
+
+# Errors a user can cause; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+
+
+def run(mode, config, workdir):
+  if mode == 'train':
+    from train import trainer
+    trainer.train_and_evaluate(config, workdir,
+                               max_steps_this_run=_STEPS_THIS_RUN.value)
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Keeps orbax's and XLA's per-save INFO chatter out of the progress log."""
+
+  def filter(self, record):
+    return (record.levelno >= std_logging.WARNING or
+            not any(p in record.pathname for p in ('orbax', 'xla_bridge')))
+
+
+def parse_flags(argv):
+  """absl flag parsing whose config errors end in one line."""
+  try:
+    args = flags.FLAGS(argv)
+    if _CONFIG.value is not None:  # a failed load surfaces on first use
+      _CONFIG.value.keys()
+    return args
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError,
+          OSError) as e:
+    from configs import cli
+    print(f'error: {cli.explain(e, argv)}', file=sys.stderr)
+    sys.exit(1)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if _CONFIG.value is None:
+    raise app.UsageError('--config is required, e.g. '
+                         '--config=configs/listops.py:cpu')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  try:
+    run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+  except USER_ERRORS as e:
+    logging.flush()
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,181 @@
+"""Flax NNX Transformer encoder whose attention is any registered variant.
+
+Pre-LayerNorm blocks; learned or sinusoidal positions; a classification head
+(CLS or masked-mean pooling) or a per-position head. Attention is called only
+through `attention_variants.attend`, with padding given as lengths, so a
+variant swap is one config field.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import attention_variants as av
+
+HEADS = ('classify', 'per_position')
+POS_EMBS = ('learned', 'sinusoidal')
+POOLINGS = ('cls', 'mean')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def dropout(x, rate: float, rng):
+  """Inverted dropout; identity when rng is None (evaluation) or rate is 0."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _split(rng, n):
+  return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+
+class Attention(nnx.Module):
+  """Multi-head (grouped-query) self-attention through `av.attend`."""
+
+  def __init__(self, dim, num_heads, num_kv_heads, spec, *, dtype, rngs):
+    if dim % num_heads:
+      raise ValueError(f'model.dim={dim} must be divisible by '
+                       f'model.num_heads={num_heads}')
+    if num_heads % num_kv_heads:
+      raise ValueError(f'model.num_heads={num_heads} must be a multiple of '
+                       f'model.num_kv_heads={num_kv_heads}')
+    self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+    self.head_dim = dim // num_heads
+    self.spec = spec
+    lin = lambda i, o: nnx.Linear(i, o, dtype=dtype, rngs=rngs)
+    self.query = lin(dim, num_heads * self.head_dim)
+    self.key = lin(dim, num_kv_heads * self.head_dim)
+    self.value = lin(dim, num_kv_heads * self.head_dim)
+    self.out = lin(num_heads * self.head_dim, dim)
+
+  def _qkv(self, x):
+    b, n, _ = x.shape
+    q = self.query(x).reshape(b, n, self.num_heads, self.head_dim)
+    k = self.key(x).reshape(b, n, self.num_kv_heads, self.head_dim)
+    v = self.value(x).reshape(b, n, self.num_kv_heads, self.head_dim)
+    return q, k, v
+
+  def __call__(self, x, lengths, *, causal, attention_rng):
+    q, k, v = self._qkv(x)
+    y = av.attend(q, k, v, self.spec, causal=causal, q_lengths=lengths,
+                  kv_lengths=lengths, rng=attention_rng)
+    return self.out(y.reshape(x.shape[0], x.shape[1], -1))
+
+  def weights(self, x, lengths, *, causal, attention_rng):
+    q, k, v = self._qkv(x)
+    return av.attention_weights(q, k, v, self.spec, causal=causal,
+                                q_lengths=lengths, kv_lengths=lengths,
+                                rng=attention_rng)
+
+
+class Block(nnx.Module):
+  """Pre-LN: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+  def __init__(self, cfg, spec, *, dtype, rngs):
+    kv_heads = cfg.num_kv_heads or cfg.num_heads
+    self.ln1 = nnx.LayerNorm(cfg.dim, dtype=dtype, rngs=rngs)
+    self.attn = Attention(cfg.dim, cfg.num_heads, kv_heads, spec, dtype=dtype,
+                          rngs=rngs)
+    self.ln2 = nnx.LayerNorm(cfg.dim, dtype=dtype, rngs=rngs)
+    self.mlp_in = nnx.Linear(cfg.dim, cfg.mlp_dim, dtype=dtype, rngs=rngs)
+    self.mlp_out = nnx.Linear(cfg.mlp_dim, cfg.dim, dtype=dtype, rngs=rngs)
+    self.rate = cfg.dropout
+
+  def __call__(self, x, lengths, *, causal, attention_rng, dropout_rng):
+    r1, r2 = _split(dropout_rng, 2)
+    h = self.attn(self.ln1(x), lengths, causal=causal,
+                  attention_rng=attention_rng)
+    x = x + dropout(h, self.rate, r1)
+    h = self.mlp_out(jax.nn.gelu(self.mlp_in(self.ln2(x))))
+    return x + dropout(h, self.rate, r2)
+
+
+def sinusoidal(max_len: int, dim: int) -> np.ndarray:
+  pos = np.arange(max_len)[:, None]
+  freq = np.exp(-np.log(10_000.0) * np.arange(0, dim, 2) / dim)
+  table = np.zeros((max_len, dim), np.float32)
+  table[:, 0::2] = np.sin(pos * freq)
+  table[:, 1::2] = np.cos(pos * freq)[:, : dim // 2]
+  return table
+
+
+class Transformer(nnx.Module):
+  """Embeddings -> pre-LN blocks -> final LN -> head.
+
+  __call__(inputs int [b, n], lengths int [b], *, attention_rng, dropout_rng)
+  returns logits [b, num_classes] ('classify') or [b, n, num_classes].
+  """
+
+  def __init__(self, cfg, spec, *, vocab_size, max_len, num_classes, head,
+               causal, rngs):
+    for name, value, valid in (('model.head', head, HEADS),
+                               ('model.pos_emb', cfg.pos_emb, POS_EMBS),
+                               ('model.pooling', cfg.pooling, POOLINGS),
+                               ('model.dtype', cfg.dtype, tuple(DTYPES))):
+      if value not in valid:
+        raise ValueError(f'{name}={value!r}; valid: {", ".join(valid)}')
+    for name in ('num_layers', 'dim', 'num_heads', 'mlp_dim'):
+      if cfg[name] < 1:
+        raise ValueError(f'model.{name}={cfg[name]} must be >= 1')
+    if not 0.0 <= cfg.dropout < 1.0:
+      raise ValueError(f'model.dropout={cfg.dropout} must be in [0, 1)')
+    av.validate(spec)
+    dtype = DTYPES[cfg.dtype]
+    self.head, self.causal, self.pooling = head, causal, cfg.pooling
+    self.rate = cfg.dropout
+    self.embed = nnx.Embed(vocab_size, cfg.dim, dtype=dtype, rngs=rngs)
+    if cfg.pos_emb == 'learned':
+      self.pos = nnx.Param(
+          nnx.initializers.normal(0.02)(rngs.params(), (max_len, cfg.dim)))
+    else:
+      self.pos = nnx.Variable(jnp.asarray(sinusoidal(max_len, cfg.dim)))
+    self.blocks = nnx.List([Block(cfg, spec, dtype=dtype, rngs=rngs)
+                            for _ in range(cfg.num_layers)])
+    self.ln = nnx.LayerNorm(cfg.dim, dtype=dtype, rngs=rngs)
+    self.logits = nnx.Linear(cfg.dim, num_classes, dtype=dtype, rngs=rngs)
+
+  def encode(self, inputs, lengths, *, attention_rng, dropout_rng):
+    n = inputs.shape[1]
+    x = self.embed(inputs) + self.pos[...][:n].astype(self.embed.dtype)
+    rngs = _split(dropout_rng, len(self.blocks) + 1)
+    x = dropout(x, self.rate, rngs[-1])
+    for i, block in enumerate(self.blocks):
+      x = block(x, lengths, causal=self.causal,
+                attention_rng=jax.random.fold_in(attention_rng, i),
+                dropout_rng=rngs[i])
+    return self.ln(x)
+
+  def __call__(self, inputs, lengths, *, attention_rng, dropout_rng=None):
+    x = self.encode(inputs, lengths, attention_rng=attention_rng,
+                    dropout_rng=dropout_rng)
+    if self.head == 'classify':
+      if self.pooling == 'cls':
+        x = x[:, 0]
+      else:
+        valid = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
+        x = (x * valid[..., None]).sum(1) / jnp.maximum(lengths, 1)[:, None]
+    return self.logits(x).astype(jnp.float32)
+
+  def attention_maps(self, inputs, lengths, *, attention_rng):
+    """Per-layer attention probabilities [layers, b, heads, n, n] (short inputs)."""
+    n = inputs.shape[1]
+    x = self.embed(inputs) + self.pos[...][:n].astype(self.embed.dtype)
+    maps = []
+    for i, block in enumerate(self.blocks):
+      rng = jax.random.fold_in(attention_rng, i)
+      maps.append(block.attn.weights(block.ln1(x), lengths, causal=self.causal,
+                                     attention_rng=rng))
+      x = block(x, lengths, causal=self.causal, attention_rng=rng,
+                dropout_rng=None)
+    return jnp.stack(maps)
+
+
+def build(model_cfg, attention_spec, task, *, seed: int) -> Transformer:
+  """The model a task needs, initialised from `seed`."""
+  return Transformer(model_cfg, attention_spec, vocab_size=task.vocab_size,
+                     max_len=task.seq_len, num_classes=task.num_classes,
+                     head=task.head, causal=task.causal,
+                     rngs=nnx.Rngs(params=seed))

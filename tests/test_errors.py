@@ -1,0 +1,99 @@
+"""Bad input ends in one clear line and loses nothing already written."""
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from train import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['--config=configs/listops.py:nope'],
+     'unknown preset \'nope\'; valid presets: smoke, cpu, lra'),
+    (['--config=configs/listops.py:smoke', '--config.model.widht=3'],
+     "model has no field 'widht'; valid: dim,"),
+    (['--config=configs/listops.py:smoke', '--config.attention.kind=nope'],
+     "unknown attention kind 'nope'; valid kinds: full"),
+    (['--config=configs/listops.py:smoke', '--config.task.name=nope'],
+     "unknown task 'nope'; valid tasks: "),
+    (['--config=configs/listops.py:smoke', '--config.train.num_steps=-5'],
+     'train.num_steps=-5 must be >= 1'),
+])
+def test_cli_errors_are_one_line(tmp_path, args, expected):
+  proc = _main(*args, f'--workdir={tmp_path / "w"}',
+               f'--config.data_dir={tmp_path / "data"}')
+  assert proc.returncode == 1
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and expected in last, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+
+
+def test_batch_not_divisible_across_devices(smoke_config, tmp_path,
+                                            monkeypatch):
+  monkeypatch.setattr(jax, 'device_count', lambda: 3)
+  with pytest.raises(ValueError, match='not divisible across the 3 devices'):
+    trainer.train_and_evaluate(smoke_config(), str(tmp_path / 'w'))
+
+
+def test_workdir_that_is_a_file(smoke_config, tmp_path):
+  path = tmp_path / 'file'
+  path.write_text('keep me')
+  with pytest.raises(ValueError, match='is a file'):
+    trainer.train_and_evaluate(smoke_config(), str(path))
+  with pytest.raises(ValueError, match='not writable'):
+    trainer.train_and_evaluate(smoke_config(), str(path / 'sub'))
+  assert path.read_text() == 'keep me'
+
+
+def test_unwritable_workdir(smoke_config, tmp_path):
+  if os.geteuid() == 0:
+    pytest.skip('root can write to read-only directories')
+  tmp_path.chmod(0o500)
+  try:
+    with pytest.raises(ValueError, match='not writable'):
+      trainer.train_and_evaluate(smoke_config(), str(tmp_path / 'w'))
+  finally:
+    tmp_path.chmod(0o700)
+
+
+def _snapshot(directory):
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, directory)] = f.read()
+  return out
+
+
+def test_incompatible_config_in_workdir(smoke_config, tmp_path):
+  workdir = str(tmp_path / 'w')
+  trainer.train_and_evaluate(smoke_config(), workdir, max_steps_this_run=3)
+  before = _snapshot(workdir)
+  with pytest.raises(ValueError, match=r'different config \(model.dim: 32 -> 48'):
+    trainer.train_and_evaluate(smoke_config(model__dim=48), workdir)
+  assert _snapshot(workdir) == before
+
+
+def test_corrupt_checkpoint(smoke_config, tmp_path):
+  workdir = str(tmp_path / 'w')
+  trainer.train_and_evaluate(smoke_config(), workdir, max_steps_this_run=3)
+  step_dir = os.path.join(workdir, 'checkpoints', '3')
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'garbage')
+  before = _snapshot(workdir)
+  with pytest.raises(ValueError, match='checkpoint .*checkpoints/3 cannot be '
+                     'restored'):
+    trainer.train_and_evaluate(smoke_config(), workdir)
+  assert _snapshot(workdir) == before

@@ -1,0 +1,71 @@
+"""End-to-end training on the smoke presets: outputs, resume, NaN handling."""
+import json
+import os
+
+import jax.numpy as jnp
+import pytest
+
+from train import trainer
+
+
+def _read(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+@pytest.mark.parametrize('task', ['listops', 'mqar'])
+def test_run_writes_everything(smoke_config, tmp_path, task):
+  workdir = str(tmp_path / 'run')
+  results = trainer.train_and_evaluate(smoke_config(task), workdir)
+  on_disk = _read(os.path.join(workdir, 'results.json'))
+  assert on_disk == json.loads(json.dumps(results))
+  assert on_disk['task'] == task and on_disk['steps'] == 6
+  assert on_disk['attention']['kind'] == 'full'
+  assert on_disk['best_step'] in (3, 6)
+  test = on_disk['metrics']['test']
+  assert 0.0 <= test['accuracy'] <= 1.0 and test['loss'] > 0
+  if task == 'listops':
+    for key in ('precision_macro', 'recall_macro', 'f1_macro'):
+      assert 0.0 <= test[key] <= 1.0
+    cm = test['confusion_matrix']
+    assert len(cm) == 10 and sum(map(sum, cm)) == 64
+  compute = on_disk['compute']
+  assert compute['params'] > 1000
+  assert compute['train_step_flops'] > 0
+  assert compute['train_step_peak_bytes'] > 0
+  assert compute['train_steps_per_sec'] > 0
+  assert compute['eval_examples_per_sec'] > 0
+  assert _read(os.path.join(workdir, 'config.json'))['task']['name'] == task
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  assert any('train/loss' in r for r in records)
+  assert any('validation/accuracy' in r for r in records)
+  events = os.listdir(os.path.join(workdir, 'tensorboard'))
+  assert any(name.startswith('events.out.tfevents') for name in events)
+
+
+def test_interrupted_run_matches_uninterrupted(smoke_config, tmp_path):
+  config = smoke_config(train__num_steps=8, train__eval_every=2,
+                        model__dropout=0.1)
+  straight = trainer.train_and_evaluate(config, str(tmp_path / 'a'))
+  resumed_dir = str(tmp_path / 'b')
+  assert trainer.train_and_evaluate(
+      config, resumed_dir, max_steps_this_run=3) is None
+  assert not os.path.exists(os.path.join(resumed_dir, 'results.json'))
+  resumed = trainer.train_and_evaluate(config, resumed_dir)
+  assert resumed['metrics'] == straight['metrics']
+  assert resumed['best_step'] == straight['best_step']
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(smoke_config, tmp_path,
+                                                  monkeypatch):
+  workdir = str(tmp_path / 'run')
+  config = smoke_config()
+  trainer.train_and_evaluate(config, workdir, max_steps_this_run=3)
+  good = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  original = trainer.losses
+  monkeypatch.setattr(trainer, 'losses', lambda logits, batch, head: tuple(
+      x * jnp.nan for x in original(logits, batch, head)))
+  with pytest.raises(FloatingPointError, match='at step 4'):
+    trainer.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == good
