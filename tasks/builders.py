@@ -1,0 +1,290 @@
+"""What the offline-generated tasks share: the TFDS builder, config naming,
+parameter checks, the on-disk features and the preprocessing into the
+fixed-shape examples of tasks/base.py.
+
+Each task module supplies a generator `splits(params) -> {split: examples}`;
+`OfflineBuilder` writes those examples with file_format='array_record' (no
+TensorFlow needed) under `data_dir/<task>/<config name>/<version>/`, and
+`sources()` reads them back as random-access data sources. One parameter set
+is one TFDS BuilderConfig whose name spells the parameters, so different
+settings never collide in a data dir and a second run reuses the first one's
+files.
+
+On disk an example keeps only what the generator decided, with variable
+length: 'tokens' (int32, no CLS, no padding) plus either 'label' (classify
+tasks) or 'scored' (per-position tasks: which tokens are prediction targets).
+Padding, CLS and the next-token shift happen on read, here, once for all tasks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+
+from tasks import base
+
+FILE_FORMAT = 'array_record'
+# What TFDS accepts as a config name (tensorflow_datasets/core/naming.py).
+_CONFIG_NAME = re.compile(r'^[\w+.-]+$')
+
+
+def check_range(field: str, value: int, low: int, high: int | None = None,
+                because: str = '') -> None:
+  """Raises a ValueError naming task.<field>, its value and the valid range."""
+  if value < low or (high is not None and value > high):
+    valid = f'{low} <= {field}' + (f' <= {high}' if high is not None else '')
+    why = f' ({because})' if because else ''
+    raise ValueError(
+        f'task.{field}={value} is out of range; valid: {valid}{why}')
+
+
+def check_counts_and_seed(task_config) -> None:
+  for field in ('num_train', 'num_validation', 'num_test'):
+    check_range(field, task_config[field], 1)
+  check_range('data_seed', task_config.data_seed, 0)  # numpy seeds are >= 0
+
+
+def counts(task_config) -> dict[str, int]:
+  """Examples per split, in generation order."""
+  return {split: int(task_config[f'num_{split}']) for split in base.SPLITS}
+
+
+def generator_params(task_config, fields: Iterable[str]) -> dict[str, Any]:
+  """The generator's inputs: the named integer fields, the seed and counts."""
+  return ({f: int(task_config[f]) for f in (*fields, 'data_seed')}
+          | {'counts': counts(task_config)})
+
+
+def config_name(task_config, *parts: str) -> str:
+  """Task-specific parts + split sizes + seed, '_'-joined, checked against
+  what TFDS accepts; e.g. 'w63_s15_n5000-500-500_seed0'."""
+  sizes = 'n' + '-'.join(str(n) for n in counts(task_config).values())
+  name = '_'.join([*parts, sizes, f'seed{task_config.data_seed}'])
+  if not _CONFIG_NAME.match(name):
+    raise ValueError(f'config name {name!r} has characters TFDS rejects')
+  return name
+
+
+def split_rng(seed: int, split: str) -> np.random.Generator:
+  """One stream per split, so a split does not change when another grows."""
+  return np.random.default_rng([seed, base.SPLITS.index(split)])
+
+
+# Per-position generators draw a chunk of rows at a time with numpy; this
+# bounds a chunk's random draws (a few tens of MB).
+_CHUNK_VALUES = 1 << 22
+
+
+def per_position_splits(
+    task: str, params: Mapping[str, Any], values_per_row: int,
+    rows: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]
+) -> dict[str, Iterable[dict[str, np.ndarray]]]:
+  """{split: lazily generated {'tokens', 'scored'} examples}.
+
+  `rows(rng, n)` returns tokens and scored arrays of shape [n, length] and
+  draws about `values_per_row` random numbers per row. Each split has its
+  own stream from (data_seed, split).
+  """
+  chunk = max(1, _CHUNK_VALUES // max(1, values_per_row))
+  return {split: _chunked_examples(
+              f'{task} {split}', params['counts'][split], chunk,
+              functools.partial(rows, split_rng(params['data_seed'], split)))
+          for split in base.SPLITS}
+
+
+def _chunked_examples(what: str, total: int, chunk: int,
+                      rows: Callable[[int], tuple[np.ndarray, np.ndarray]]
+                      ) -> Iterable[dict[str, np.ndarray]]:
+  progress = Progress(what, total)
+  for start in range(0, total, chunk):
+    tokens, scored = rows(min(chunk, total - start))
+    for row_tokens, row_scored in zip(tokens, scored):
+      yield {'tokens': row_tokens, 'scored': row_scored}
+    progress.update(start + len(tokens))
+  progress.done()
+
+
+@dataclasses.dataclass(eq=False)
+class GeneratorConfig(tfds.core.BuilderConfig):
+  """A BuilderConfig that carries the generator's parameters."""
+  params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _tokens_feature():
+  # zlib: token ids are small and repetitive; ListOps at LRA scale is ~4x
+  # smaller on disk with it, and decoding needs no TensorFlow.
+  return tfds.features.Tensor(shape=(None,), dtype=np.int32, encoding='zlib')
+
+
+def classify_features() -> tfds.features.FeaturesDict:
+  return tfds.features.FeaturesDict({
+      'tokens': _tokens_feature(),
+      'label': tfds.features.Scalar(dtype=np.int32),
+  })
+
+
+def per_position_features() -> tfds.features.FeaturesDict:
+  return tfds.features.FeaturesDict({
+      'tokens': _tokens_feature(),
+      'scored': tfds.features.Tensor(shape=(None,), dtype=np.bool_,
+                                     encoding='zlib'),
+  })
+
+
+class OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Writes the examples its task's generator returns, in generation order.
+
+  Subclasses set `name`, `FEATURES` (a function returning the features) and
+  `GENERATE` (params -> {split: iterable of feature dicts}). They are not
+  registered with TFDS: the task modules construct them directly, and the
+  global registry would refuse a second class with the same name.
+  """
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First generator.'}
+  FEATURES: Callable[[], tfds.features.FeaturesDict]
+  GENERATE: Callable[[Mapping[str, Any]], Mapping[str, Iterable[dict]]]
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    # No checksums file lives beside code that downloads nothing; and TFDS's
+    # lookup of it for a builder inside a package imports the optional
+    # `importlib_resources`, which the pinned requirements do not include.
+    return None
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    # DatasetInfo directly rather than dataset_info_from_configs(), which
+    # would scan this package's folder for TFDS metadata files.
+    return tfds.core.DatasetInfo(
+        builder=self, description=type(self).__doc__,
+        features=type(self).FEATURES(),
+        disable_shuffling=True)  # keep generation order: index i is example i
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing is downloaded
+    splits = type(self).GENERATE(self.builder_config.params)
+    return {split: self._generate_examples(examples)
+            for split, examples in splits.items()}
+
+  def _generate_examples(self, examples):
+    for index, example in enumerate(examples):
+      yield index, example
+
+
+class Examples(Sequence):
+  """Random-access view of a data source with a preprocessing function."""
+
+  def __init__(self, source: Sequence, preprocess: Callable[[dict], dict]):
+    self._source = source
+    self._preprocess = preprocess
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def _index(self, index: int) -> int:
+    # Sequence semantics: negative indices count from the end, and iteration
+    # stops at the IndexError.
+    n = len(self._source)
+    index = int(index)
+    if not -n <= index < n:
+      raise IndexError(f'index {index} out of range for {n} examples')
+    return index % n
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(len(self)))]
+    return self._preprocess(self._source[self._index(index)])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+    records = self._source.__getitems__([self._index(i) for i in indices])
+    return [self._preprocess(r) for r in records]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sources:
+  """split -> Examples; writes the data on the first call, reuses it after."""
+  builder: OfflineBuilder
+  preprocess: Callable[[dict], dict]
+
+  def __call__(self, split: str) -> Examples:
+    # A no-op when this config's files are already in the data dir.
+    self.builder.download_and_prepare(file_format=FILE_FORMAT)
+    return Examples(self.builder.as_data_source(split), self.preprocess)
+
+
+def sources(builder_cls: type[OfflineBuilder], name: str,
+            params: Mapping[str, Any], data_dir: str,
+            preprocess: Callable[[dict], dict]) -> Sources:
+  builder = builder_cls(data_dir=data_dir or None,
+                        config=GeneratorConfig(name=name, params=dict(params)),
+                        file_format=FILE_FORMAT)
+  return Sources(builder, preprocess)
+
+
+def padded(tokens: np.ndarray, seq_len: int, dtype=np.int32) -> np.ndarray:
+  """tokens right-padded with 0 to seq_len."""
+  out = np.zeros(seq_len, dtype)
+  out[:len(tokens)] = tokens
+  return out
+
+
+def classify_example(record: Mapping[str, Any], seq_len: int,
+                     prefix: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+  """inputs = prefix + tokens, padded; length; label."""
+  tokens = np.concatenate([np.asarray(prefix, np.int32),
+                           np.asarray(record['tokens'], np.int32)])
+  return {'inputs': padded(tokens, seq_len),
+          'length': np.int32(len(tokens)),
+          'label': np.int32(record['label'])}
+
+
+def next_token_example(record: Mapping[str, Any],
+                       seq_len: int) -> dict[str, np.ndarray]:
+  """Causal LM view: targets[t] = tokens[t + 1], weighted where it is scored.
+
+  The last position has no next token: target 0, weight 0.
+  """
+  tokens = np.asarray(record['tokens'], np.int32)
+  scored = np.asarray(record['scored'], bool)
+  return {'inputs': padded(tokens, seq_len),
+          'length': np.int32(len(tokens)),
+          'targets': padded(tokens[1:], seq_len),
+          'weights': padded(scored[1:], seq_len, np.float32)}
+
+
+def classify_preprocess(seq_len: int, prefix: tuple[int, ...] = ()):
+  # partial of a module-level function, so sources pickle (grain workers).
+  return functools.partial(classify_example, seq_len=seq_len, prefix=prefix)
+
+
+def next_token_preprocess(seq_len: int):
+  return functools.partial(next_token_example, seq_len=seq_len)
+
+
+class Progress:
+  """Logs generation progress at most every `every_s` seconds."""
+
+  def __init__(self, what: str, total: int, every_s: float = 10.0):
+    self._what, self._total, self._every_s = what, total, every_s
+    self._start = self._last = time.monotonic()
+
+  def update(self, done: int, note: str = '') -> None:
+    now = time.monotonic()
+    if now - self._last < self._every_s:
+      return
+    self._last = now
+    rate = done / max(now - self._start, 1e-9)
+    eta = (self._total - done) / max(rate, 1e-9)
+    logging.info('%s: %d / %d examples (%.0f/s, ~%.0f s left)%s', self._what,
+                 done, self._total, rate, eta, note)
+
+  def done(self) -> None:
+    logging.info('%s: %d examples in %.1f s', self._what, self._total,
+                 time.monotonic() - self._start)
