@@ -3,8 +3,11 @@
   python main.py --config=configs/listops.py:cpu --workdir=runs/listops \
       --config.attention.kind=local --config.attention.local.window=32
 
-Modes (--mode): train (default: train, validate, test the best checkpoint,
-write results.json; rerunning resumes). Errors a user can cause end in one
+Modes (--mode):
+  train     (default) train, validate, test the best checkpoint, write
+            results.json; rerunning the same command resumes.
+  evaluate  re-evaluate a finished run's best checkpoint on test and rewrite
+            its results.json: --mode=evaluate --workdir=RUN (no --config). Errors a user can cause end in one
 line starting with 'error:' and exit status 1.
 """
 import logging as std_logging
@@ -13,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ('train',)
+MODES = ('train', 'evaluate')
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and preset, e.g. configs/listops.py:cpu; '
@@ -35,6 +38,9 @@ def run(mode, config, workdir):
     from train import trainer
     trainer.train_and_evaluate(config, workdir,
                                max_steps_this_run=_STEPS_THIS_RUN.value)
+  elif mode == 'evaluate':
+    from train import trainer
+    trainer.evaluate_run(workdir)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -62,7 +68,7 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if _CONFIG.value is None:
+  if _CONFIG.value is None and _MODE.value != 'evaluate':
     raise app.UsageError('--config is required, e.g. '
                          '--config=configs/listops.py:cpu')
   logging.get_absl_handler().addFilter(_QuietLibraries())

@@ -69,3 +69,15 @@ def test_nan_stops_and_keeps_last_good_checkpoint(smoke_config, tmp_path,
   with pytest.raises(FloatingPointError, match='at step 4'):
     trainer.train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == good
+
+
+def test_evaluate_mode_rewrites_results(smoke_config, tmp_path):
+  workdir = str(tmp_path / 'run')
+  first = trainer.train_and_evaluate(smoke_config(), workdir)
+  os.remove(os.path.join(workdir, 'results.json'))
+  again = trainer.evaluate_run(workdir)
+  assert again['metrics'] == first['metrics']
+  assert _read(os.path.join(workdir, 'results.json'))['best_step'] == (
+      first['best_step'])
+  with pytest.raises(ValueError, match='has no config.json'):
+    trainer.evaluate_run(str(tmp_path / 'nothing'))

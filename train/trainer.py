@@ -12,6 +12,7 @@ ends with the same metrics as an uninterrupted one.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -19,6 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import optax
 from absl import logging
 from flax import nnx
@@ -310,7 +312,7 @@ class Trainer:
         logging.info('stopped at step %d of %d; rerun the same command to '
                      'resume', step, cfg.num_steps)
         return None
-      return self._finish(step, meta, train_steps / max(train_time, 1e-9),
+      return self._finish(step, train_steps / max(train_time, 1e-9),
                           time.time() - t_start)
     finally:
       signal.signal(signal.SIGTERM, previous)
@@ -329,10 +331,11 @@ class Trainer:
                              'train/learning_rate': lr,
                              'train/steps_per_sec': steps_per_sec})
 
-  def _finish(self, step, meta, steps_per_sec, wall_time):
+  def _finish(self, step, steps_per_sec, wall_time):
     best = self.ckpts.restore_best(self.state)
     if best is None:
-      raise RuntimeError('no best checkpoint was saved')
+      raise ValueError(f'--workdir={self.workdir} has no best checkpoint yet; '
+                       'train it first')
     state, best_meta = best
     test, examples_per_sec = self.evaluate(
         jax.device_put(state, self.replicated), 'test')
@@ -388,3 +391,31 @@ def train_and_evaluate(config, workdir: str, *,
   preemption would; rerunning resumes.
   """
   return Trainer(config, workdir).run(max_steps_this_run)
+
+
+def evaluate_run(workdir: str) -> dict:
+  """Re-evaluates a finished run's best checkpoint on test; rewrites results.json.
+
+  The config comes from the run's config.json; training figures (steps/s,
+  wall time, steps) are carried over from the previous results.json.
+  """
+  config_path = os.path.join(workdir or '', 'config.json')
+  if not os.path.exists(config_path):
+    raise ValueError(f'--workdir={workdir} has no config.json: give the '
+                     'directory of a training run')
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  results_path = os.path.join(workdir, 'results.json')
+  previous = {}
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      previous = json.load(f)
+  trainer = Trainer(config, workdir)
+  try:
+    trainer.compile()
+    old = previous.get('compute', {})
+    return trainer._finish(previous.get('steps', config.train.num_steps),
+                           old.get('train_steps_per_sec', 0.0),
+                           previous.get('wall_time_s', 0.0))
+  finally:
+    trainer.ckpts.close()
