@@ -7,7 +7,11 @@ Modes (--mode):
   train     (default) train, validate, test the best checkpoint, write
             results.json; rerunning the same command resumes.
   evaluate  re-evaluate a finished run's best checkpoint on test and rewrite
-            its results.json: --mode=evaluate --workdir=RUN (no --config). Errors a user can cause end in one
+            its results.json: --mode=evaluate --workdir=RUN (no --config).
+  benchmark time and peak memory of every attention kind against
+            jax.nn.dot_product_attention: --config=configs/benchmark.py.
+  compare   the variants x tasks x seeds sweep with its tables and plots:
+            --config=configs/compare.py:<preset>. Errors a user can cause end in one
 line starting with 'error:' and exit status 1.
 """
 import logging as std_logging
@@ -16,7 +20,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ('train', 'evaluate')
+MODES = ('train', 'evaluate', 'benchmark', 'compare')
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and preset, e.g. configs/listops.py:cpu; '
@@ -41,6 +45,12 @@ def run(mode, config, workdir):
   elif mode == 'evaluate':
     from train import trainer
     trainer.evaluate_run(workdir)
+  elif mode == 'benchmark':
+    from evaluate import benchmark
+    benchmark.run(config, workdir)
+  elif mode == 'compare':
+    from evaluate import compare
+    compare.run(config, workdir)
 
 
 class _QuietLibraries(std_logging.Filter):

@@ -20,7 +20,7 @@ def _cpu(c):
                 num_validation=1_000, num_test=1_000)
   # Sized to finish in minutes on 2 CPU cores (~2.3 GFLOP per step).
   c.model.update(num_layers=3, dim=64, num_heads=4, mlp_dim=128)
-  c.train.update(batch_size=32, num_steps=3000, learning_rate=1e-3,
+  c.train.update(batch_size=32, num_steps=2000, learning_rate=1e-3,
                  warmup_steps=200, eval_every=500, log_every=100,
                  checkpoint_every=500)
 

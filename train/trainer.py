@@ -325,7 +325,7 @@ class Trainer:
     eta = (total - step) / max(steps_per_sec, 1e-9)
     lr = float(self.schedule(step))
     logging.info('step %d/%d | loss %.4f | %.2f steps/s | lr %.2e | ETA %s',
-                 step, total, loss, steps_per_sec, lr, _duration(eta))
+                 step, total, loss, steps_per_sec, lr, format_duration(eta))
     self.writer.write(step, {'train/loss': loss,
                              'train/grad_norm': float(pending[-1][1]['grad_norm']),
                              'train/learning_rate': lr,
@@ -348,7 +348,7 @@ class Trainer:
     results = {
         'task': self.task.name,
         'preset': self.config.get('preset', ''),
-        'attention': self.spec_summary(),
+        'attention': attention_summary(self.spec),
         'seed': self.config.seed,
         'steps': step,
         'best_step': best_meta['best_step'],
@@ -364,11 +364,6 @@ class Trainer:
                  os.path.join(self.workdir, 'results.json'))
     return results
 
-  def spec_summary(self) -> dict:
-    """The attention kind, its parameters and implementation, nothing else."""
-    kind = self.spec['kind']
-    return {'kind': kind, 'implementation': self.spec['implementation'],
-            **self.spec.get(kind, {})}
 
 
 def _scalars(m: dict, keep_lists: bool = False) -> dict:
@@ -376,7 +371,14 @@ def _scalars(m: dict, keep_lists: bool = False) -> dict:
           if isinstance(v, (int, float)) or (keep_lists and isinstance(v, list))}
 
 
-def _duration(seconds: float) -> str:
+def attention_summary(spec: dict) -> dict:
+  """The attention kind, its parameters and implementation, nothing else."""
+  kind = spec['kind']
+  return {'kind': kind, 'implementation': spec['implementation'],
+          **spec.get(kind, {})}
+
+
+def format_duration(seconds: float) -> str:
   seconds = int(seconds)
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)

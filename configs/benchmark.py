@@ -1,0 +1,55 @@
+"""Attention micro-benchmark: time and peak memory per kind and length.
+
+  python main.py --mode=benchmark --config=configs/benchmark.py --workdir=runs/bench
+Times the forward pass and forward+backward (median of `repeats` runs after
+`warmup`), reads FLOPs and peak memory off the compiled executables, and sets
+each kind beside its peer jax.nn.dot_product_attention measured in the same
+process (plain, and with local_window_size for `local`). Presets: cpu
+(default: 1K..16K, batch 1, 4 heads, head dim 64, float32), smoke (tests),
+gpu (bfloat16, longer sequences).
+"""
+import ml_collections
+
+import attention_variants as av
+from configs import default
+
+
+def _smoke(c):
+  c.lengths = '64,128'
+  c.repeats = 2
+  c.warmup = 1
+
+
+def _cpu(c):
+  del c  # the defaults are the CPU benchmark
+
+
+def _gpu(c):
+  c.lengths = '1024,2048,4096,8192,16384,32768'
+  c.dtype = 'bfloat16'
+  c.head_dim = 128
+  c.batch_size = 4
+  c.heads = 16
+
+
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.kinds = ','.join(av.KINDS)    # comma-separated kinds to measure
+  c.lengths = '1024,2048,4096,8192,16384'  # sequence lengths, comma-separated
+  c.passes = 'forward,forward_backward'    # which passes to time
+  c.batch_size = 1                # batch
+  c.heads = 4                     # query heads (= kv heads)
+  c.head_dim = 64                 # head dimension
+  c.dtype = 'float32'             # 'float32' | 'bfloat16'
+  c.causal = False                # causal masking
+  c.repeats = 5                   # timed runs per cell (median reported)
+  c.warmup = 1                    # untimed runs per cell after compilation
+  c.memory_fraction = 0.8         # skip cells whose compiled peak exceeds this share of RAM
+  c.seed = 0                      # input data and attention rng
+  # Attention spec shared by every measured kind; per-kind parameters
+  # (e.g. attention.local.window) override the variants' defaults.
+  c.attention = default.base().attention
+  c.attention.local.window = 128
+  c.attention.implementation = 'auto'
+  return default.with_preset(c, arg, {'smoke': _smoke, 'cpu': _cpu,
+                                      'gpu': _gpu}, default='cpu')

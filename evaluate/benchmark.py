@@ -1,0 +1,195 @@
+"""Attention benchmark: each registered kind against jax.nn.dot_product_attention.
+
+For every kind, length and pass (forward; forward+backward) it compiles the
+computation once, reads FLOPs (XLA cost analysis) and peak bytes (XLA memory
+analysis of the executable: temporaries + outputs; plus the allocator's peak
+on GPU/TPU), and times `repeats` runs after `warmup` (median). The peers run
+in the same process on the same inputs: plain dot_product_attention for every
+kind, and dot_product_attention(local_window_size=w) for `local`. A cell
+whose compiled peak would not fit in memory is reported, not run.
+Writes benchmark.json and benchmark.md to the workdir and prints the table.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+import attention_variants as av
+from attention_variants import full
+from evaluate import profile
+from evaluate.compare import names
+from train import writer as writer_lib
+
+PEER = 'dot_product_attention'
+
+
+def _local_window(spec) -> tuple[int, int]:
+  p = spec['local']
+  left = p['left'] if p['left'] >= 0 else p['window']
+  right = p['right'] if p['right'] >= 0 else p['window']
+  return left, right
+
+
+def _functions(config, spec):
+  """name -> (attend fn(q, k, v, rng), implementation label, peer name)."""
+  causal = config.causal
+  fns = {}
+  for kind in names(config.kinds):
+    kind_spec = dict(spec, kind=kind)
+    av.validate(kind_spec)
+    peer = f'{PEER}(window)' if kind == 'local' else PEER
+    fns[kind] = (lambda q, k, v, rng, s=kind_spec: av.attend(
+        q, k, v, s, causal=causal, rng=rng), spec['implementation'], peer)
+  impl = 'xla'
+  fns[PEER] = (lambda q, k, v, rng: jax.nn.dot_product_attention(
+      q, k, v, is_causal=causal, implementation=impl), impl, None)
+  if 'local' in fns:
+    window = _local_window(spec)
+    window = (window[0], 0) if causal else window
+    fns[f'{PEER}(window)'] = (lambda q, k, v, rng: jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, local_window_size=window,
+        implementation=impl), impl, None)
+  return fns
+
+
+def _program(fn, pass_name):
+  if pass_name == 'forward':
+    return jax.jit(fn)
+  def loss(q, k, v, rng):
+    return jnp.sum(fn(q, k, v, rng).astype(jnp.float32))
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def _median_seconds(compiled, args, warmup, repeats):
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def _ram_bytes() -> int:
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def measure(config, name, fn, pass_name, n, implementation):
+  """One row of benchmark.json."""
+  dtype = jnp.dtype(config.dtype)
+  keys = jax.random.split(jax.random.key(config.seed), 3)
+  shape = (config.batch_size, n, config.heads, config.head_dim)
+  q, k, v = (jax.random.normal(key, shape, dtype) for key in keys)
+  args = (q, k, v, jax.random.key(config.seed))
+  row = {'kind': name, 'length': n, 'pass': pass_name,
+         'implementation': implementation}
+  try:
+    compiled = _program(fn, pass_name).lower(*args).compile()
+  except Exception as e:  # e.g. the compiler itself runs out of memory
+    return {**row, 'status': f'compile failed: {type(e).__name__}'}
+  mem = profile.compiled_memory(compiled)
+  row.update(flops=profile.compiled_flops(compiled),
+             peak_bytes=mem['peak_bytes'])
+  if mem['peak_bytes'] > config.memory_fraction * _ram_bytes():
+    return {**row, 'status': 'does not fit in memory'}
+  try:
+    row['time_s'] = _median_seconds(compiled, args, config.warmup,
+                                    config.repeats)
+  except Exception as e:  # resource exhaustion at run time on accelerators
+    if 'RESOURCE_EXHAUSTED' in str(e) or 'out of memory' in str(e).lower():
+      return {**row, 'status': 'out of memory'}
+    raise
+  device_peak = profile.device_peak_bytes()
+  if device_peak is not None:
+    row['device_peak_bytes'] = device_peak
+  row['status'] = 'ok'
+  return row
+
+
+def scaling_exponent(rows, name, pass_name, lo=2048, hi=16384):
+  """Slope of log(time) against log(length) over lengths in [lo, hi]."""
+  pts = [(r['length'], r['time_s']) for r in rows
+         if r['kind'] == name and r['pass'] == pass_name
+         and r.get('status') == 'ok' and lo <= r['length'] <= hi]
+  if len(pts) < 2:
+    return None
+  x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+  return float(np.polyfit(x, y, 1)[0])
+
+
+def _fmt_bytes(b):
+  return f'{b / 2**20:.1f} MiB' if b is not None else '-'
+
+
+def markdown(rows, fns) -> str:
+  """Table: time, peak memory, and ratios to the kind's peer."""
+  by = {(r['kind'], r['length'], r['pass']): r for r in rows}
+  lines = ['| kind | length | pass | time (ms) | peak memory | vs peer: speed-up '
+           '| vs peer: memory saving | status |',
+           '|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    peer = fns[r['kind']][2]
+    p = by.get((peer, r['length'], r['pass'])) if peer else None
+    speed = mem = '-'
+    if p and p.get('status') == 'ok' and r.get('status') == 'ok':
+      speed = f'{p["time_s"] / r["time_s"]:.2f}x'
+    if p and p.get('peak_bytes') and r.get('peak_bytes'):
+      mem = f'{p["peak_bytes"] / r["peak_bytes"]:.1f}x'
+    t = f'{1e3 * r["time_s"]:.1f}' if 'time_s' in r else '-'
+    lines.append(f'| {r["kind"]} | {r["length"]} | {r["pass"]} | {t} | '
+                 f'{_fmt_bytes(r.get("peak_bytes"))} | {speed} | {mem} | '
+                 f'{r.get("status")} |')
+  lines += ['', '| kind | pass | time exponent (2K..16K) |', '|---|---|---|']
+  for name in fns:
+    for pass_name in sorted({r['pass'] for r in rows}):
+      e = scaling_exponent(rows, name, pass_name)
+      if e is not None:
+        lines.append(f'| {name} | {pass_name} | {e:.2f} |')
+  return '\n'.join(lines)
+
+
+def run(config, workdir: str) -> dict:
+  """Measures every cell, writes benchmark.json and benchmark.md."""
+  if not workdir:
+    raise ValueError('--workdir is required')
+  os.makedirs(workdir, exist_ok=True)
+  spec = config.attention.to_dict()
+  fns = _functions(config, spec)
+  lengths = [int(n) for n in names(config.lengths)]
+  passes = names(config.passes)
+  bad = set(passes) - {'forward', 'forward_backward'}
+  if bad or not lengths or min(lengths) < 1:
+    raise ValueError(f'benchmark passes must be forward/forward_backward and '
+                     f'lengths positive; got passes={config.passes!r}, '
+                     f'lengths={config.lengths!r}')
+  rows, total = [], len(fns) * len(lengths) * len(passes)
+  for name, (fn, impl, _) in fns.items():
+    if name == 'full':
+      impl = full.choose_implementation(
+          jnp.zeros((1, 1, 1, config.head_dim), config.dtype),
+          jnp.zeros((1, 1, 1, config.head_dim), config.dtype), impl)
+    for n in lengths:
+      for pass_name in passes:
+        row = measure(config, name, fn, pass_name, n, impl)
+        rows.append(row)
+        logging.info('[%d/%d] %s N=%d %s: %s', len(rows), total, name, n,
+                     pass_name, f'{1e3 * row["time_s"]:.1f} ms'
+                     if 'time_s' in row else row['status'])
+  result = {'device': profile.device_kind(), 'dtype': config.dtype,
+            'batch_size': config.batch_size, 'heads': config.heads,
+            'head_dim': config.head_dim, 'causal': config.causal,
+            'attention': spec, 'rows': rows,
+            'exponents': {f'{n}/{p}': scaling_exponent(rows, n, p)
+                          for n in fns for p in passes}}
+  writer_lib.write_json_atomic(os.path.join(workdir, 'benchmark.json'), result)
+  table = markdown(rows, fns)
+  with open(os.path.join(workdir, 'benchmark.md'), 'w') as f:
+    f.write(table + '\n')
+  print(table)
+  return result

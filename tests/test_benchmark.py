@@ -1,0 +1,54 @@
+"""Benchmark mode: rows for every kind, peers in the same run, ratios, exponents."""
+import json
+import os
+
+import pytest
+
+from configs import benchmark as benchmark_config
+from evaluate import benchmark
+
+
+def test_smoke_benchmark_writes_rows_and_ratios(tmp_path):
+  config = benchmark_config.get_config('smoke')
+  config.kinds = 'full,local'
+  config.attention.local.window = 16
+  config.lengths = '32,64'
+  config.repeats = 1
+  result = benchmark.run(config, str(tmp_path))
+  with open(tmp_path / 'benchmark.json') as f:
+    assert json.load(f)['rows'] == result['rows']
+  names = {r['kind'] for r in result['rows']}
+  assert names == {'full', 'local', 'dot_product_attention',
+                   'dot_product_attention(window)'}
+  assert len(result['rows']) == 4 * 2 * 2
+  for r in result['rows']:
+    assert r['status'] == 'ok' and r['time_s'] > 0 and r['peak_bytes'] > 0
+    assert r['flops'] > 0
+  table = (tmp_path / 'benchmark.md').read_text()
+  assert '| local | 64 | forward |' in table
+  assert 'x |' in table  # a ratio against the peer was rendered
+
+
+def test_scaling_exponent_of_known_rows():
+  rows = [{'kind': 'a', 'pass': 'forward', 'status': 'ok', 'length': n,
+           'time_s': 1e-6 * n**2} for n in (2048, 4096, 8192)]
+  assert benchmark.scaling_exponent(rows, 'a', 'forward') == pytest.approx(2.0)
+  assert benchmark.scaling_exponent(rows, 'b', 'forward') is None
+
+
+def test_cell_that_does_not_fit_is_reported(tmp_path):
+  config = benchmark_config.get_config('smoke')
+  config.kinds = 'full'
+  config.lengths = '64'
+  config.passes = 'forward'
+  config.memory_fraction = 1e-12
+  rows = benchmark.run(config, str(tmp_path))['rows']
+  assert {r['status'] for r in rows} == {'does not fit in memory'}
+
+
+def test_bad_lengths(tmp_path):
+  config = benchmark_config.get_config('smoke')
+  config.lengths = '0'
+  with pytest.raises(ValueError, match='lengths'):
+    benchmark.run(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'benchmark.json')
