@@ -14,10 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from attention_variants import blockwise
 from attention_variants import full
+from attention_variants import local
+from attention_variants import sparse
 
 _VARIANTS = {
     'full': full,
+    'blockwise': blockwise,
+    'local': local,
+    'sparse': sparse,
+    'bigbird': sparse.bigbird,
 }
 KINDS = tuple(_VARIANTS)
 

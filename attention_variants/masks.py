@@ -109,3 +109,114 @@ def check_positive_int(name: str, value, *, minimum: int = 1):
 def on_gpu() -> bool:
   return jax.default_backend() == 'gpu'
 
+
+def ceil_div(a, b):
+  """ceil(a / b) for positive b; works on Python ints and int arrays."""
+  return -(-a // b)
+
+
+def pad_to_multiple(x, axis: int, multiple: int):
+  """Zero-pads `axis` at the end so its size is a multiple of `multiple`.
+
+  Blocked variants pad internally so any length works; the padding must be
+  masked by position (it lies at or past every valid length).
+  """
+  extra = ceil_div(x.shape[axis], multiple) * multiple - x.shape[axis]
+  if not extra:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths)
+
+
+class KeyPart(NamedTuple):
+  """One set of keys that blocked queries attend to (gathered variants).
+
+  Queries come as blocks [batch, blocks, block_len, kv_heads, groups, d].
+  k, v: [batch, blocks|1, block_len|1, t, kv_heads, groups|1, d]; an axis
+    written `|1` may have size 1 and is then shared by every query block,
+    every row of a block, or every query head of a GQA group.
+  mask: bool, broadcastable to [batch, blocks, kv_heads, groups, block_len, t]:
+    which of the t keys each query may see (padding, causality, pattern and
+    duplicates across parts already applied).
+  pos: int absolute key positions, broadcastable to
+    [blocks, kv_heads, groups, block_len, t]; only attention_weights needs
+    them, and entries whose mask is False may hold anything.
+  """
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array
+  pos: jax.Array
+
+
+def _part_operand(x):
+  """(einsum subscript, x without its shared size-1 axes) for a KeyPart k/v."""
+  keep = [not (axis in 'nqg' and size == 1)
+          for axis, size in zip('bnqtkgd', x.shape)]
+  sub = ''.join(a for a, kept in zip('bnqtkgd', keep) if kept)
+  return sub, x.reshape(tuple(s for s, kept in zip(x.shape, keep) if kept))
+
+
+def _key_part_exps(q_blocks, parts, scale):
+  """Unnormalized float32 softmax terms per part and their row sums.
+
+  One softmax runs over the keys of all parts together (a joint row max, no
+  concatenation), so each key must appear unmasked in at most one part.
+  Terms are [b, blocks, kv_heads, groups, block_len, t_i]; sums end in 1.
+  """
+  scores = []
+  for part in parts:
+    sub, k = _part_operand(part.k)
+    s = jnp.einsum(f'bnqkgd,{sub}->bnkgqt', q_blocks, k,
+                   preferred_element_type=jnp.float32) * scale
+    scores.append(jnp.where(part.mask, s, NEG_INF))
+  m = functools.reduce(jnp.maximum,
+                       [jnp.max(s, axis=-1, keepdims=True) for s in scores])
+  exps = [jnp.where(part.mask, jnp.exp(s - m), 0.0)
+          for s, part in zip(scores, parts)]
+  total = sum(jnp.sum(e, axis=-1, keepdims=True) for e in exps)
+  return exps, total
+
+
+def key_part_probs(q_blocks, parts, scale):
+  """Float32 probabilities [b, blocks, kv_heads, groups, block_len, t_i].
+
+  Rows with no allowed key in any part are zeros.
+  """
+  exps, total = _key_part_exps(q_blocks, parts, scale)
+  total = jnp.where(total == 0.0, 1.0, total)
+  return [e / total for e in exps]
+
+
+def key_parts_output(q_blocks, parts, scale):
+  """Float32 attention output [b, blocks, block_len, kv_heads, groups, d].
+
+  Same softmax as key_part_probs, normalized after the product with V (d
+  divisions per row instead of t). Rows with no allowed key are zeros.
+  """
+  exps, total = _key_part_exps(q_blocks, parts, scale)
+  out = 0.0
+  for e, part in zip(exps, parts):
+    sub, v = _part_operand(part.v)
+    out = out + jnp.einsum(f'bnkgqt,{sub}->bnqkgd', e.astype(v.dtype), v,
+                           preferred_element_type=jnp.float32)
+  total = jnp.where(total == 0.0, 1.0, total)  # [b, n, k, g, q, 1]
+  return out / total[..., 0].transpose(0, 1, 4, 2, 3)[..., None]
+
+
+def key_parts_dense(probs, parts, n: int):
+  """Dense float32 [b, blocks, kv_heads, groups, block_len, n] from key parts.
+
+  Scatters each part's probabilities to its key positions; for
+  attention_weights on short sequences only.
+  """
+  dense = 0.0
+  for p, part in zip(probs, parts):
+    pos = jnp.broadcast_to(part.pos, p.shape[1:])
+    pos = jnp.where((pos >= 0) & (pos < n), pos, n)  # dropped by the scatter
+    rows = p.reshape(-1, p.shape[-1])
+    cols = jnp.broadcast_to(pos, p.shape).reshape(rows.shape)
+    scattered = jnp.zeros((rows.shape[0], n), jnp.float32).at[
+        jnp.arange(rows.shape[0])[:, None], cols].add(rows, mode='drop')
+    dense = dense + scattered.reshape(p.shape[:-1] + (n,))
+  return dense

@@ -93,6 +93,19 @@ class Block(nnx.Module):
     return x + dropout(h, self.rate, r2)
 
 
+def layer_spec(spec: dict, layer: int) -> dict:
+  """The attention spec of one layer: a variant's `seed` offset by the layer.
+
+  Seeded patterns (BigBird's random blocks; LSH rotations when no rng is
+  given) are thereby fixed per layer and differ between layers.
+  """
+  kind = spec['kind']
+  params = spec.get(kind, {})
+  if 'seed' not in params:
+    return spec
+  return {**spec, kind: {**params, 'seed': params['seed'] + layer}}
+
+
 def sinusoidal(max_len: int, dim: int) -> np.ndarray:
   pos = np.arange(max_len)[:, None]
   freq = np.exp(-np.log(10_000.0) * np.arange(0, dim, 2) / dim)
@@ -132,8 +145,8 @@ class Transformer(nnx.Module):
           nnx.initializers.normal(0.02)(rngs.params(), (max_len, cfg.dim)))
     else:
       self.pos = nnx.Variable(jnp.asarray(sinusoidal(max_len, cfg.dim)))
-    self.blocks = nnx.List([Block(cfg, spec, dtype=dtype, rngs=rngs)
-                            for _ in range(cfg.num_layers)])
+    self.blocks = nnx.List([Block(cfg, layer_spec(spec, i), dtype=dtype,
+                                  rngs=rngs) for i in range(cfg.num_layers)])
     self.ln = nnx.LayerNorm(cfg.dim, dtype=dtype, rngs=rngs)
     self.logits = nnx.Linear(cfg.dim, num_classes, dtype=dtype, rngs=rngs)
 
