@@ -17,12 +17,14 @@ from collections.abc import Mapping
 from attention_variants import blockwise
 from attention_variants import full
 from attention_variants import local
+from attention_variants import lsh
 from attention_variants import sparse
 
 _VARIANTS = {
     'full': full,
     'blockwise': blockwise,
     'local': local,
+    'lsh': lsh,
     'sparse': sparse,
     'bigbird': sparse.bigbird,
 }
