@@ -76,7 +76,15 @@ def _median_seconds(compiled, args, warmup, repeats):
   return float(np.median(times))
 
 
-def _ram_bytes() -> int:
+def _available_bytes() -> int:
+  """Memory the next cell may use: MemAvailable on Linux, else total RAM."""
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
   return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 
@@ -96,7 +104,7 @@ def measure(config, name, fn, pass_name, n, implementation):
   mem = profile.compiled_memory(compiled)
   row.update(flops=profile.compiled_flops(compiled),
              peak_bytes=mem['peak_bytes'])
-  if mem['peak_bytes'] > config.memory_fraction * _ram_bytes():
+  if mem['peak_bytes'] > config.memory_fraction * _available_bytes():
     return {**row, 'status': 'does not fit in memory'}
   try:
     row['time_s'] = _median_seconds(compiled, args, config.warmup,
