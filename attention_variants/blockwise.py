@@ -207,10 +207,9 @@ def blockwise_attention(q, k, v, *, causal, q_lengths, kv_lengths, q_block,
                         kv_block):
   """Exact attention [b, q_len, h, d] with O(N x block) memory both ways."""
   kv_heads, _ = masks.check_inputs(q, k, v)
-  b, n_q, _, d = q.shape
+  _, n_q, _, d = q.shape
   n_k = k.shape[1]
-  ql = masks.lengths_or_full(q_lengths, b, n_q)
-  kl = masks.lengths_or_full(kv_lengths, b, n_k)
+  ql, kl = masks.valid_lengths(q, k, q_lengths, kv_lengths)
   # A block longer than the sequence would only add padding.
   plan = _Plan(causal=bool(causal), q_block=min(q_block, max(n_q, 1)),
                kv_block=min(kv_block, max(n_k, 1)),

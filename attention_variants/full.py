@@ -48,9 +48,7 @@ def probs_times_v(probs, v, out_dtype):
 
 
 def full_mask(q, k, *, causal, q_lengths, kv_lengths):
-  b = q.shape[0]
-  ql = masks.lengths_or_full(q_lengths, b, q.shape[1])
-  kl = masks.lengths_or_full(kv_lengths, b, k.shape[1])
+  ql, kl = masks.valid_lengths(q, k, q_lengths, kv_lengths)
   ok = masks.allowed(jnp.arange(q.shape[1])[None], jnp.arange(k.shape[1])[None],
                      ql, kl, causal=causal)
   return ok[:, None]  # [b, 1, q, s]
@@ -113,9 +111,7 @@ def attend(q, k, v, params, *, implementation='auto', causal=False,
     mask = full_mask(q, k, causal=causal, q_lengths=q_lengths,
                      kv_lengths=kv_lengths)
     return probs_times_v(dense_probs(q, k, mask), v, q.dtype)
-  b = q.shape[0]
-  ql = masks.lengths_or_full(q_lengths, b, q.shape[1])
-  kl = masks.lengths_or_full(kv_lengths, b, k.shape[1])
+  ql, kl = masks.valid_lengths(q, k, q_lengths, kv_lengths)
   out = jax.nn.dot_product_attention(
       q, k, v, is_causal=causal,
       query_seq_lengths=None if q_lengths is None else ql,

@@ -69,9 +69,8 @@ def extents(params, causal: bool):
 
 def window_mask(q, k, *, causal, q_lengths, kv_lengths, left, right):
   """Dense bool [b, 1, q_len, kv_len] window-and-padding mask (tests only)."""
-  b, n_q, n_k = q.shape[0], q.shape[1], k.shape[1]
-  ql = masks.lengths_or_full(q_lengths, b, n_q)
-  kl = masks.lengths_or_full(kv_lengths, b, n_k)
+  n_q, n_k = q.shape[1], k.shape[1]
+  ql, kl = masks.valid_lengths(q, k, q_lengths, kv_lengths)
   # Bounded so that i - left cannot overflow int32.
   left, right = min(left, n_q + n_k), min(right, n_q + n_k)
   ok = masks.allowed(jnp.arange(q.shape[1])[None], jnp.arange(k.shape[1])[None],
@@ -148,10 +147,9 @@ def local_attention(q, k, v, *, causal, q_lengths, kv_lengths, left, right,
                     block):
   """Windowed attention [b, q_len, h, d] in O(N x window) time and memory."""
   kv_heads, _ = masks.check_inputs(q, k, v)
-  b, n_q, _, d = q.shape
+  _, n_q, _, d = q.shape
   n_k = k.shape[1]
-  ql = masks.lengths_or_full(q_lengths, b, n_q)
-  kl = masks.lengths_or_full(kv_lengths, b, n_k)
+  ql, kl = masks.valid_lengths(q, k, q_lengths, kv_lengths)
   block = min(block, max(n_q, 1))
   steps, per_step = _step_shape(masks.ceil_div(n_q, block), block)
   n_blocks = steps * per_step

@@ -325,7 +325,7 @@ def prepare(q, k, v, params, *, q_lengths, kv_lengths, rng) -> Setup:
   """Validates, pads, hashes and sorts; shared by every path."""
   check_params(params)
   kv_heads, groups = masks.check_inputs(q, k, v)
-  b, n_q, _, d = q.shape
+  _, n_q, _, d = q.shape
   n_k = k.shape[1]
   shared = params['shared_qk']
   if shared and n_q != n_k:
@@ -333,8 +333,7 @@ def prepare(q, k, v, params, *, q_lengths, kv_lengths, rng) -> Setup:
         f'attention.lsh.shared_qk=True needs q and v of the same length, got '
         f'{n_q} and {n_k}; use shared_qk=False for cross-attention')
   geo = geometry(n_q, n_k, params)
-  ql = masks.lengths_or_full(q_lengths, b, n_q)
-  kl = masks.lengths_or_full(kv_lengths, b, n_k)
+  ql, kl = masks.valid_lengths(q, k, q_lengths, kv_lengths)
   q, k, v = (_pad_to(x, geo.length) for x in (q, k, v))
   # One bucket needs no rotations (and no PRNG in the compiled program).
   rot = (rotations(rng, params, kv_heads, d, geo.n_buckets)

@@ -49,6 +49,13 @@ def lengths_or_full(lengths, batch: int, n: int):
   return jnp.minimum(lengths, n)
 
 
+def valid_lengths(q, k, q_lengths, kv_lengths):
+  """(q_lengths, kv_lengths) as int32 [batch], full length where None."""
+  b = q.shape[0]
+  return (lengths_or_full(q_lengths, b, q.shape[1]),
+          lengths_or_full(kv_lengths, b, k.shape[1]))
+
+
 def allowed(q_pos, k_pos, q_lengths, kv_lengths, *, causal: bool,
             left=None, right=None):
   """Whether query q_pos may look at key k_pos, broadcast over the batch.
