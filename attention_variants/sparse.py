@@ -149,11 +149,10 @@ def _frame(q, k, v, block, q_lengths, kv_lengths):
   n = masks.ceil_div(longest, block) * block
   blocked = lambda x: masks.pad_to_multiple(x, 1, n).reshape(  # pads to n
       (b, n // block, block) + x.shape[2:])
+  ql, kl = masks.valid_lengths(q, k, q_lengths, kv_lengths)
   return _Frame(
       q=blocked(q).reshape(b, n // block, block, kv_heads, groups, d),
-      k=blocked(k), v=blocked(v),
-      ql=masks.lengths_or_full(q_lengths, b, n_q),
-      kl=masks.lengths_or_full(kv_lengths, b, k.shape[1]),
+      k=blocked(k), v=blocked(v), ql=ql, kl=kl,
       block=block, scale=masks.default_scale(d))
 
 
