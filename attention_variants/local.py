@@ -13,22 +13,24 @@ Hyperparameters (config.attention.local):
 So the default is symmetric: a query sees 2 * window + 1 keys (window + 1
 when causal), itself included.
 
-How it is computed: queries are cut into blocks of `block`; keys and values
-into blocks of the same size, padded with ceil(left / block) empty blocks in
-front and ceil(right / block) behind. Query block i then needs only the
-`span` = ceil(left / block) + 1 + ceil(right / block) key blocks around it,
-which are `span` shifted views of the blocked keys (a static number, never a
-gather over the sequence). A lax.scan walks over groups of query blocks
-(about 512 query rows per step) and runs one masked softmax per group over
-its [block, span * block] scores, so the largest temporary is one step's
-scores: time is O(N x window) and memory O(N + rows x window). The step is
-rematerialised in the backward pass (jax.checkpoint), so training memory is
-O(N) plus one step too; no N x N mask or score matrix is ever built. Lengths
-that are not multiples of `block` are padded internally and masked. When the
-window covers the sequence the result equals full attention.
+How it is computed: a lax.scan walks over blocks of `block` queries. Query
+block c (rows c*block .. c*block + block - 1) can only see keys in
+[c*block - left, c*block + block - 1 + right], a run of block + left + right
+keys; the step takes that run as one contiguous dynamic slice of k and v
+(its start clamped into the sequence, which keeps every key the block needs
+inside it) and runs one masked softmax over the [block, block + left + right]
+scores, masking by absolute positions. k and v are never padded or copied:
+the steps slice the caller's buffers (for batch 1, q is not copied either),
+so the N-sized buffers are the output and, for batch > 1, a transposed copy
+of q and of the output. Time is O(N x window) and memory O(N + block x
+window). The step is rematerialised in the backward pass
+(jax.checkpoint), so training memory is O(N) plus one step too; no N x N
+mask or score matrix is ever built. A query length that is not a multiple
+of `block` is padded for the last block and masked. When the window covers
+the sequence the result equals full attention.
 
 Implementations:
-  xla        the banded computation above (any backend).
+  xla        the block-by-block computation above (any backend).
   reference  dense softmax under the window mask; O(N^2), for tests.
   auto       xla.
 """
@@ -78,114 +80,48 @@ def window_mask(q, k, *, causal, q_lengths, kv_lengths, left, right):
   return ok[:, None]
 
 
-# Query rows per scan step: temporaries stay ~rows x window per head whatever
-# N is, and each step is large enough that the loop overhead is negligible.
-_ROWS_PER_STEP = 512
-
-
-def _step_shape(n_blocks, block):
-  """(steps, blocks_per_step): query blocks split evenly into scan steps."""
-  most = max(1, _ROWS_PER_STEP // block)
-  steps = masks.ceil_div(n_blocks, most)
-  return steps, masks.ceil_div(n_blocks, steps)
-
-
-def _stepped_queries(q, kv_heads, block, steps, per_step):
-  """[b, n, h, d] -> [steps, b, kvh, per_step, groups, block, d], padded."""
-  b, n, h, d = q.shape
-  q = jnp.pad(q, ((0, 0), (0, steps * per_step * block - n), (0, 0), (0, 0)))
-  q = q.reshape(b, steps, per_step, block, kv_heads, h // kv_heads, d)
-  return q.transpose(1, 0, 4, 2, 5, 3, 6)
-
-
-def _unstepped_queries(x, n):
-  """Undoes _stepped_queries: [steps, b, kvh, c, g, blk, d] -> [b, n, h, d]."""
-  steps, b, kvh, c, g, block, d = x.shape
-  x = x.transpose(1, 0, 3, 5, 2, 4, 6).reshape(b, steps * c * block, kvh * g, d)
-  return x[:, :n]
-
-
-def _banded_keys(k, block, n_blocks, n_left, n_right):
-  """[b, n, kvh, d] -> [b, kvh, n_left + n_blocks + n_right, block, d].
-
-  Key block j sits at index n_left + j, so query block i finds the key blocks
-  its window reaches, i - n_left .. i + n_right, at indices i .. i + span - 1.
-  Keys past the last reachable block are dropped; the rest is zero padding.
-  """
-  b, n, kvh, d = k.shape
-  total = (n_left + n_blocks + n_right) * block
-  k = k[:, :min(n, (n_blocks + n_right) * block)]
-  k = jnp.pad(k, ((0, 0), (n_left * block, total - n_left * block - k.shape[1]),
-                  (0, 0), (0, 0)))
-  return k.reshape(b, -1, block, kvh, d).transpose(0, 3, 1, 2, 4)
-
-
-def _neighbour_keys(slab, per_step, span):
-  """[b, kvh, per_step + span - 1, blk, d] -> [b, kvh, per_step, span * blk, d].
-
-  Query block i of the step gets slab blocks i .. i + span - 1: `span`
-  shifted views of the blocked keys, never a gather over the sequence.
-  """
-  b, kvh, _, block, d = slab.shape
-  views = [slab[:, :, o:o + per_step] for o in range(span)]
-  return jnp.stack(views, axis=3).reshape(b, kvh, per_step, span * block, d)
-
-
-def _neighbour_mask(first_block, per_step, block, span, n_left, ql, kl, *,
-                    causal, left, right):
-  """bool [b, 1, per_step, 1, block, span * block] for one scan step."""
-  blocks = first_block + jnp.arange(per_step)
-  q_pos = blocks[:, None] * block + jnp.arange(block)
-  k_pos = (blocks[:, None] - n_left) * block + jnp.arange(span * block)
-  ok = masks.allowed(q_pos[None], k_pos[None], ql, kl, causal=causal,
-                     left=left, right=right)
-  ok &= (k_pos >= 0)[None, :, None, :]  # front padding has negative positions
-  return ok[:, None, :, None]
-
-
 def local_attention(q, k, v, *, causal, q_lengths, kv_lengths, left, right,
                     block):
   """Windowed attention [b, q_len, h, d] in O(N x window) time and memory."""
-  kv_heads, _ = masks.check_inputs(q, k, v)
-  _, n_q, _, d = q.shape
+  kv_heads, groups = masks.check_inputs(q, k, v)
+  b, n_q, h, d = q.shape
   n_k = k.shape[1]
   ql, kl = masks.valid_lengths(q, k, q_lengths, kv_lengths)
   block = min(block, max(n_q, 1))
-  steps, per_step = _step_shape(masks.ceil_div(n_q, block), block)
-  n_blocks = steps * per_step
-  # Neighbour blocks that hold no real key are dropped, so a window wider
-  # than the sequence costs no more than full attention.
-  n_left = min(masks.ceil_div(left, block), n_blocks - 1)
-  n_right = max(min(masks.ceil_div(right, block),
-                    masks.ceil_div(n_k, block) - 1), 0)
-  span = n_left + 1 + n_right
+  steps = masks.ceil_div(n_q, block)
   # Bounded so that i - left cannot overflow int32.
   left, right = min(left, n_q + n_k), min(right, n_q + n_k)
+  # Keys a query block can reach; a window wider than the sequence costs no
+  # more than full attention.
+  width = min(block + left + right, n_k)
   scale = masks.default_scale(d)
-  kb = _banded_keys(k, block, n_blocks, n_left, n_right)
-  vb = _banded_keys(v, block, n_blocks, n_left, n_right)
+  # [steps, b, block, h, d]: for batch 1 (and any query length that is a
+  # multiple of block) a reshape of the caller's buffer, not a copy.
+  qs = masks.pad_to_multiple(q, 1, block)
+  qs = jnp.moveaxis(qs.reshape(b, steps, block, h, d), 1, 0)
 
   def step(_, xs):
-    qs, i = xs
-    first = i * per_step
-    width = per_step + span - 1
-    ks = _neighbour_keys(lax.dynamic_slice_in_dim(kb, first, width, axis=2),
-                         per_step, span)
-    vs = _neighbour_keys(lax.dynamic_slice_in_dim(vb, first, width, axis=2),
-                         per_step, span)
-    s = jnp.einsum('bkcgqd,bkcsd->bkcgqs', qs, ks,
+    qb, i = xs
+    first = i * block
+    # Clamping keeps the slice inside the sequence; it still holds every key
+    # the block can see (those lie in [0, n_k) and in the unclamped run).
+    start = jnp.clip(first - left, 0, n_k - width)
+    kw = lax.dynamic_slice_in_dim(k, start, width, axis=1)
+    vw = lax.dynamic_slice_in_dim(v, start, width, axis=1)
+    qb = qb.reshape(b, block, kv_heads, groups, d)
+    s = jnp.einsum('bqkgd,bskd->bkgqs', qb, kw,
                    preferred_element_type=jnp.float32) * scale
-    ok = _neighbour_mask(first, per_step, block, span, n_left, ql, kl,
-                         causal=causal, left=left, right=right)
-    p = masks.masked_softmax(s, ok)
-    out = jnp.einsum('bkcgqs,bkcsd->bkcgqd', p.astype(vs.dtype), vs,
+    ok = masks.allowed((first + jnp.arange(block))[None],
+                       (start + jnp.arange(width))[None], ql, kl,
+                       causal=causal, left=left, right=right)
+    p = masks.masked_softmax(s, ok[:, None, None])
+    out = jnp.einsum('bkgqs,bskd->bqkgd', p.astype(vw.dtype), vw,
                      preferred_element_type=jnp.float32)
-    return None, out.astype(q.dtype)
+    return None, out.reshape(b, block, h, d).astype(q.dtype)
 
-  qs = _stepped_queries(q, kv_heads, block, steps, per_step)
   step = jax.checkpoint(step, prevent_cse=False)
   _, out = lax.scan(step, None, (qs, jnp.arange(steps)))
-  return _unstepped_queries(out, n_q)
+  return jnp.moveaxis(out, 0, 1).reshape(b, steps * block, h, d)[:, :n_q]
 
 
 def weights(q, k, v, params, *, implementation='auto', causal=False,
