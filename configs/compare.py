@@ -54,18 +54,12 @@ def _smoke(c):
 
 def _cpu(c):
   # Budget: 30 minutes in all on 2 CPU cores, for len(KINDS) x
-  # len(tasks.NAMES) x 2 seeds runs (6 x 3 x 2 = 36 today), i.e. ~45 s a
-  # run. The train step of each cpu preset (128 tokens) measured 1.3
-  # (listops: 4 layers, 128 wide, batch 32), 2.5 (mqar) and 4.7 (copy)
-  # steps/s with full attention, LSH/BigBird ~25% slower, compiling 6-18 s,
-  # on the 2 cores shared ~4.5 ways; alone, ~4x that: listops ~5 steps/s,
-  # mqar ~10, copy ~20, ~10 s to compile a run's train and eval steps.
-  # So: ~10 s compile + ~30 s of
-  # training (150 listops steps, 300 mqar/copy steps) + a few seconds of
-  # evaluation => ~23 minutes of runs; the 18 efficiency cells (batch 8,
-  # 2 layers, up to 1024 tokens) ~3 minutes; data generation the rest.
-  # So few steps rank variants only roughly; use lra (or raise num_steps
-  # with --config.overrides.train.num_steps) for numbers to quote.
+  # len(tasks.NAMES) x 2 seeds runs (6 x 3 x 2 = 36 today). Measured at
+  # commit 049bf4c on the quiet 2-core VM: 19 min 36 s in all (runs of
+  # 15-57 s each, 18 efficiency cells 72 s; the task data was already on
+  # disk; docs/results/README.md). So few steps rank variants only roughly; use
+  # lra (or raise num_steps with --config.overrides.train.num_steps) for
+  # numbers to quote.
   c.kinds = ','.join(av.KINDS)
   c.tasks = ','.join(f'{t}:cpu' for t in tasks.NAMES)
   c.seeds = '0,1'
