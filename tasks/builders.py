@@ -84,13 +84,14 @@ _CHUNK_VALUES = 1 << 22
 
 def per_position_splits(
     task: str, params: Mapping[str, Any], values_per_row: int,
-    rows: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]
+    rows: Callable[[np.random.Generator, int], tuple[np.ndarray, ...]]
 ) -> dict[str, Iterable[dict[str, np.ndarray]]]:
-  """{split: lazily generated {'tokens', 'scored'} examples}.
+  """{split: lazily generated {'tokens', 'scored'[, 'answers']} examples}.
 
-  `rows(rng, n)` returns tokens and scored arrays of shape [n, length] and
-  draws about `values_per_row` random numbers per row. Each split has its
-  own stream from (data_seed, split).
+  `rows(rng, n)` returns tokens and scored arrays of shape [n, length], plus
+  answers of the same shape for tasks whose targets are not their inputs
+  (see per_position_features), and draws about `values_per_row` random
+  numbers per row. Each split has its own stream from (data_seed, split).
   """
   chunk = max(1, _CHUNK_VALUES // max(1, values_per_row))
   return {split: _chunked_examples(
@@ -104,10 +105,11 @@ def _chunked_examples(what: str, total: int, chunk: int,
                       ) -> Iterable[dict[str, np.ndarray]]:
   progress = Progress(what, total)
   for start in range(0, total, chunk):
-    tokens, scored = rows(min(chunk, total - start))
-    for row_tokens, row_scored in zip(tokens, scored):
-      yield {'tokens': row_tokens, 'scored': row_scored}
-    progress.update(start + len(tokens))
+    arrays = rows(min(chunk, total - start))
+    names = ('tokens', 'scored', 'answers')[:len(arrays)]
+    for row in zip(*arrays):
+      yield dict(zip(names, row))
+    progress.update(start + len(arrays[0]))
   progress.done()
 
 
@@ -131,11 +133,20 @@ def classify_features() -> tfds.features.FeaturesDict:
 
 
 def per_position_features() -> tfds.features.FeaturesDict:
+  """tokens (the inputs) and scored (which next tokens are targets)."""
   return tfds.features.FeaturesDict({
       'tokens': _tokens_feature(),
       'scored': tfds.features.Tensor(shape=(None,), dtype=np.bool_,
                                      encoding='zlib'),
   })
+
+
+def per_position_answer_features() -> tfds.features.FeaturesDict:
+  """As per_position_features, plus answers: the token to predict at each
+  scored position when it must not appear in the inputs (MQAR's values)."""
+  features = dict(per_position_features())
+  features['answers'] = _tokens_feature()
+  return tfds.features.FeaturesDict(features)
 
 
 class OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -247,15 +258,17 @@ def classify_example(record: Mapping[str, Any], seq_len: int,
 
 def next_token_example(record: Mapping[str, Any],
                        seq_len: int) -> dict[str, np.ndarray]:
-  """Causal LM view: targets[t] = tokens[t + 1], weighted where it is scored.
+  """Causal LM view: targets[t] = answers[t + 1], weighted where t + 1 is
+  scored; answers are the tokens themselves unless the record has its own.
 
   The last position has no next token: target 0, weight 0.
   """
   tokens = np.asarray(record['tokens'], np.int32)
   scored = np.asarray(record['scored'], bool)
+  answers = np.asarray(record.get('answers', tokens), np.int32)
   return {'inputs': padded(tokens, seq_len),
           'length': np.int32(len(tokens)),
-          'targets': padded(tokens[1:], seq_len),
+          'targets': padded(answers[1:], seq_len),
           'weights': padded(scored[1:], seq_len, np.float32)}
 
 

@@ -5,19 +5,19 @@ A sequence of `seq_len` tokens starts with `num_pairs` key-value pairs
 `k1 v1 k2 v2 ...` (distinct keys from the lower half of the vocabulary,
 [1, V/2); distinct values from the upper half, [V/2, V); drawn afresh per
 example, so only recall from the context can answer). The rest of the
-sequence is cut into 2-token slots; each key is asked once, as `k v` in a
+sequence is cut into 2-token slots; each key is asked once, as `k 0` in a
 slot chosen uniformly at random without replacement, in random order. Other
 positions hold 0. The model reads the sequence causally and is scored only
-at each query key, where the next token is that key's value.
+at each query key, where the target is that key's value. As in Zoology, the
+value is only a target (the record's `answers`), never an input: if it
+followed its query in the inputs, every answered query would rule its value
+out for the later ones, and guessing among the values not yet seen would
+score H_n / n (34% for 8 pairs) without any recall.
 
 Differences from Zoology's `multiquery_ar`, on purpose:
   - query slots are uniform over the rest of the sequence (Zoology biases
     them toward the start with a power law, power_a=0.01), so recall
     distances span the whole sequence;
-  - the value follows its query in the inputs (Zoology leaves the slot
-    after a query as filler and puts the value only in the labels); no
-    position after a query is scored, and each key is asked once, so
-    seeing it cannot help another query;
   - filler is 0 (Zoology's default replaces filler by random tokens from the
     whole vocabulary). All seq_len positions are valid input: length =
     seq_len, and 0 here is an ordinary filler token, not padding.
@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from tasks import base
 from tasks import builders
@@ -55,9 +56,10 @@ def distinct_rows(rng: np.random.Generator, rows: int, low: int, high: int,
 
 def sequences(rng: np.random.Generator, rows: int, seq_len: int,
               num_pairs: int, vocab_size: int
-              ) -> tuple[np.ndarray, np.ndarray]:
-  """tokens [rows, seq_len] and scored [rows, seq_len] (True on values that
-  answer a query)."""
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """tokens, scored and answers, each [rows, seq_len]: the inputs; True on
+  the slot after each query; the inputs with each query's value in that
+  slot (where the inputs hold 0)."""
   keys = distinct_rows(rng, rows, *key_range(vocab_size), num_pairs)
   values = distinct_rows(rng, rows, *value_range(vocab_size), num_pairs)
   context = 2 * num_pairs
@@ -67,10 +69,11 @@ def sequences(rng: np.random.Generator, rows: int, seq_len: int,
   tokens[:, 0:context:2] = keys
   tokens[:, 1:context:2] = values
   np.put_along_axis(tokens, query_at, keys, axis=1)
-  np.put_along_axis(tokens, query_at + 1, values, axis=1)
+  answers = tokens.copy()
+  np.put_along_axis(answers, query_at + 1, values, axis=1)
   scored = np.zeros((rows, seq_len), bool)
   np.put_along_axis(scored, query_at + 1, True, axis=1)
-  return tokens, scored
+  return tokens, scored, answers
 
 
 def splits(params: Mapping[str, Any]) -> dict[str, Iterable[dict]]:
@@ -85,7 +88,12 @@ def splits(params: Mapping[str, Any]) -> dict[str, Iterable[dict]]:
 class Mqar(builders.OfflineBuilder, skip_registration=True):
   """Multi-query associative recall (Zoology); generated offline."""
   name = 'mqar'
-  FEATURES = builders.per_position_features
+  VERSION = tfds.core.Version('2.0.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'First generator.',
+      '2.0.0': 'Values are answers only, not inputs after their query.',
+  }
+  FEATURES = builders.per_position_answer_features
   GENERATE = splits
 
 

@@ -249,8 +249,12 @@ def test_mqar_examples_have_the_documented_shapes(mqar_data):
     assert ex['weights'].shape == (c.seq_len,)
     assert ex['weights'].dtype == np.float32
     assert ex['length'] == c.seq_len
-    # Next-token targets; the last position has nothing to predict.
-    np.testing.assert_array_equal(ex['targets'][:-1], ex['inputs'][1:])
+    # Next-token targets, except that each query's value is a target only:
+    # its slot holds 0 in the inputs. The last position predicts nothing.
+    scored = ex['weights'][:-1] == 1
+    np.testing.assert_array_equal(ex['targets'][:-1][~scored],
+                                  ex['inputs'][1:][~scored])
+    assert (ex['inputs'][1:][scored] == 0).all()
     assert ex['targets'][-1] == 0 and ex['weights'][-1] == 0
 
 
@@ -271,6 +275,9 @@ def test_mqar_scores_each_query_with_its_value(mqar_data):
       assert sorted(ex['inputs'][scored]) == sorted(keys)  # each asked once
       for t in scored:
         assert ex['targets'][t] == value_of[ex['inputs'][t]]
+      # No value is an input after the context: an answered query cannot
+      # rule its value out for the later ones.
+      assert (ex['inputs'][pairs:] < c.vocab_size // 2).all()
 
 
 def test_mqar_values_vary_so_recall_is_needed(mqar_data):
@@ -305,9 +312,9 @@ def test_mqar_rejects_impossible_parameters(tmp_path, overrides, field):
 
 def test_mqar_tightest_parameters_work():
   rng = np.random.default_rng(0)
-  tokens, scored = mqar.sequences(rng, 5, seq_len=12, num_pairs=3,
-                                  vocab_size=8)
-  assert tokens.shape == scored.shape == (5, 12)
+  tokens, scored, answers = mqar.sequences(rng, 5, seq_len=12, num_pairs=3,
+                                           vocab_size=8)
+  assert tokens.shape == scored.shape == answers.shape == (5, 12)
   assert (scored.sum(1) == 3).all()
 
 
