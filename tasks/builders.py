@@ -90,7 +90,7 @@ def per_position_splits(
 
   `rows(rng, n)` returns tokens and scored arrays of shape [n, length], plus
   answers of the same shape for tasks whose targets are not their inputs
-  (see per_position_features), and draws about `values_per_row` random
+  (see per_position_answer_features), and draws about `values_per_row` random
   numbers per row. Each split has its own stream from (data_seed, split).
   """
   chunk = max(1, _CHUNK_VALUES // max(1, values_per_row))
