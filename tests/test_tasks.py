@@ -76,6 +76,15 @@ def copy_data(tmp_path_factory):
   return c, task, all_splits(task)
 
 
+@pytest.mark.parametrize('name', ['listops', 'mqar', 'copy'])
+def test_task_data_is_deterministic_from_the_seed(tmp_path, request, name):
+  c, _, data = request.getfixturevalue(f'{name}_data')
+  assert_same_data(data, all_splits(tasks.get(c, str(tmp_path / 'a'))))
+  other = all_splits(tasks.get(small_config(name, data_seed=1),
+                               str(tmp_path / 'b')))
+  assert any_difference(data, other)
+
+
 # Registry and configs.
 
 def test_registry_names_every_task():
@@ -204,15 +213,6 @@ def test_listops_has_no_duplicates_within_or_across_splits(listops_data):
   assert len(set(seen)) == len(seen)
 
 
-def test_listops_is_deterministic_from_the_seed(tmp_path, listops_data):
-  c, _, data = listops_data
-  same = all_splits(tasks.get(c, str(tmp_path / 'a')))
-  assert_same_data(data, same)
-  other = all_splits(tasks.get(small_config('listops', data_seed=1),
-                               str(tmp_path / 'b')))
-  assert any_difference(data, other)
-
-
 @pytest.mark.parametrize('overrides, field', [
     (dict(min_length=39, max_length=40), 'max_length'),  # none between
     (dict(max_depth=0), 'max_depth'),
@@ -290,14 +290,6 @@ def test_mqar_values_vary_so_recall_is_needed(mqar_data):
   assert max(len(v) for v in values_seen.values()) > 1
 
 
-def test_mqar_is_deterministic_from_the_seed(tmp_path, mqar_data):
-  c, _, data = mqar_data
-  assert_same_data(data, all_splits(tasks.get(c, str(tmp_path / 'a'))))
-  other = all_splits(tasks.get(small_config('mqar', data_seed=1),
-                               str(tmp_path / 'b')))
-  assert any_difference(data, other)
-
-
 @pytest.mark.parametrize('overrides, field', [
     (dict(seq_len=15, num_pairs=4), 'seq_len'),      # needs 4 * 4 tokens
     (dict(vocab_size=16, num_pairs=8), 'num_pairs'),  # keys 1..7
@@ -344,14 +336,6 @@ def test_copy_weights_cover_exactly_the_second_copy(copy_data):
                                   np.arange(length + 1, 2 * length + 1))
     np.testing.assert_array_equal(ex['targets'][ex['weights'] > 0],
                                   ex['inputs'][length + 2:])
-
-
-def test_copy_is_deterministic_from_the_seed(tmp_path, copy_data):
-  c, _, data = copy_data
-  assert_same_data(data, all_splits(tasks.get(c, str(tmp_path / 'a'))))
-  other = all_splits(tasks.get(small_config('copy', data_seed=1),
-                               str(tmp_path / 'b')))
-  assert any_difference(data, other)
 
 
 @pytest.mark.parametrize('overrides, field', [
