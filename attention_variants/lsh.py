@@ -4,7 +4,7 @@ Each of `n_hashes` rounds does:
 
   1. Angular LSH. A random Gaussian matrix R of shape [head_dim, n_buckets/2]
      (one per round and kv head) maps x to bucket argmax(concat([xR, -xR])).
-     Above 128 buckets two such hashes with f1 * f2 = n_buckets buckets are
+     Above 32 buckets two such hashes with f1 * f2 = n_buckets buckets are
      combined (see hash_factors), as trax does, so hashing costs
      O(d sqrt(n_buckets)) per token rather than O(d n_buckets), which with
      n_buckets ~ 2N/c would be quadratic in N. n_buckets=1 means no hashing:
@@ -21,8 +21,8 @@ Each of `n_hashes` rounds does:
      are never attended; padded queries, and queries whose chunks hold no
      visible key in any round, output exactly zeros.
   5. Outputs and log-sum-exps are unsorted by gathering with the inverse
-     permutation. The permutation gathers have a custom gradient that is
-     itself a gather with the inverse permutation (no scatter-add).
+     permutation. The gradient (a custom VJP) moves between the orders by
+     gathers too: no scatter-add anywhere.
 
 Rounds are combined by their log-sum-exps, out = sum_r softmax_r(lse_r) *
 out_r. This equals one softmax over the multiset union of the rounds'
@@ -33,13 +33,15 @@ most once in a query's candidate set (see 3.), so there is no double counting
 there. `weights` returns exactly this combined distribution.
 
 Queries and keys:
-  shared_qk=False (default): queries and keys are hashed with the same rotation
+  shared_qk=False: queries and keys are hashed with the same rotation
     and sorted separately; sorted query chunk i is matched with sorted key
     chunks i and i - 1. When a bucket holds more queries than keys (or the
     reverse) the two sorted orders drift apart; this is the paper's reason for
     sharing QK. No self-exclusion (a query's own key is an ordinary key).
-  shared_qk=True (the paper's setting): the `k` argument is ignored (it is
-    still shape-checked); keys are the queries RMS-normalised to norm
+    Needed for cross-attention (q and k of different lengths). On MQAR this
+    setting did not learn recall where shared QK did (docs/quality.md).
+  shared_qk=True (default; the paper's setting): the `k` argument is ignored
+    (it is still shape-checked); keys are the queries RMS-normalised to norm
     sqrt(head_dim), so scores are q_i . q_j / |q_j| (as trax). Queries and keys
     then share buckets and one sort. A token attends to itself only when no
     other key is visible to it: its own score is replaced by a large finite
@@ -61,9 +63,12 @@ multiple of the chunk length (the extra positions are padding). A chunk longer
 than the sequence is clamped to the sequence length.
 
 Cost per round and head: the sort (N log N), the hashing (O(N d n_buckets),
-O(N d sqrt(n_buckets)) above 128 buckets) and chunked attention O(N 2c d). No
+O(N d sqrt(n_buckets)) above 32 buckets) and chunked attention O(N 2c d). No
 N x N array is built except by `weights` and by implementation='reference',
-which are for tests and pictures.
+which are for tests and pictures. Memory: the chunked path loops over groups
+of sorted chunks and gathers their rows from q, k and v (see "The chunked
+path" below), so beyond the per-round outputs [b, kv, g, r, N, d] its
+temporaries are a few MiB per step.
 
 Implementations:
   xla        the chunked algorithm above (jnp; runs on any backend).
@@ -74,6 +79,7 @@ Implementations:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -94,8 +100,9 @@ DEFAULTS = {
     # otherwise an even number >= 2.
     'n_buckets': 0,
     # Keys are the normalised queries (the `k` argument is ignored) and a token
-    # attends to itself only when nothing else is visible.
-    'shared_qk': False,
+    # attends to itself only when nothing else is visible. Reformer's setting;
+    # False hashes separate keys (needed for cross-attention).
+    'shared_qk': True,
     # Rotations when no rng is given (evaluation): PRNGKey(seed).
     'seed': 0,
 }
@@ -108,8 +115,10 @@ IMPLEMENTATIONS = ('auto', 'xla', 'reference')
 SELF_SCORE = 1e-3 * masks.NEG_INF
 # Log-sum-exps below this mark a round with no visible key.
 _EMPTY = 0.5 * masks.NEG_INF
-# Bucket counts above this are hashed as two factors (see hash_factors).
-_FACTOR_ABOVE = 128
+# Bucket counts above this are hashed as two factors (see hash_factors): the
+# projection is then at most ~2 sqrt(n_buckets) wide, which keeps hashing a
+# small part of the time and of the temporaries at every length.
+_FACTOR_ABOVE = 32
 
 
 def check_params(params):
@@ -184,18 +193,28 @@ def rotations(rng, params, kv_heads: int, head_dim: int, n_buckets: int):
 
 
 def _angular_bucket(proj):
-  """argmax(concat([proj, -proj]), -1), first index on ties, without concat.
+  """argmax(concat([proj, -proj]), -2), first index on ties, without concat.
 
-  The maximum of concat([p, -p]) is max |p|; entry i reaches it at index i
-  when p_i >= 0 and at i + h when p_i < 0. XLA:CPU runs this several times
-  faster than argmax over a concatenation for wide rows.
+  proj: [..., h, n], the hash directions on axis -2 and positions last, as
+  the projection's matmul lays them out: reducing over a major axis needs no
+  transposed copy and vectorises over positions. The maximum of
+  concat([p, -p]) is max |p|; entry i reaches it at index i when p_i >= 0
+  and at i + h when p_i < 0; the answer is the smallest such index. One
+  reduction over (|p|, index) pairs computes it without materialising
+  either (XLA:CPU runs argmax over a concatenation several times slower).
   """
-  h = proj.shape[-1]
-  size = jnp.abs(proj)
-  top = jnp.max(size, axis=-1, keepdims=True)
-  index = jnp.arange(h, dtype=jnp.int32)
+  h = proj.shape[-2]
+  index = jax.lax.broadcasted_iota(jnp.int32, proj.shape, proj.ndim - 2)
   index = jnp.where(proj >= 0, index, index + h)
-  return jnp.min(jnp.where(size == top, index, 2 * h), axis=-1)
+
+  def larger(a, b):  # (size, index) pairs: larger size, then smaller index
+    take_a = (a[0] > b[0]) | ((a[0] == b[0]) & (a[1] < b[1]))
+    return (jnp.where(take_a, a[0], b[0]), jnp.where(take_a, a[1], b[1]))
+
+  _, best = jax.lax.reduce((jnp.abs(proj), index),
+                           (jnp.float32(-1.0), jnp.int32(2 * h)), larger,
+                           (proj.ndim - 2,))
+  return best
 
 
 def bucket_ids(x, rot, lengths, n_buckets: int):
@@ -210,11 +229,11 @@ def bucket_ids(x, rot, lengths, n_buckets: int):
   b, n, kv_heads, groups, _ = x.shape
   ids = jnp.zeros((b, kv_heads, groups, 1, n), jnp.int32)
   if n_buckets > 1:
-    proj = jnp.einsum('bnkgd,rkdh->bkgrnh',
+    proj = jnp.einsum('bnkgd,rkdh->bkgrhn',
                       jax.lax.stop_gradient(x).astype(jnp.float32), rot)
     start, stride = 0, 1
     for f in hash_factors(n_buckets):
-      part = proj[..., start:start + f // 2]
+      part = proj[..., start:start + f // 2, :]
       ids += stride * _angular_bucket(part)
       start, stride = start + f // 2, stride * f
   valid = jnp.arange(n)[None, :] < lengths[:, None]
@@ -247,72 +266,26 @@ def shared_keys(q):
   return k.astype(q.dtype)
 
 
-def _sum_to_shape(x, shape):
-  axes = tuple(i for i, (a, s) in enumerate(zip(x.shape, shape)) if s != a)
-  return jnp.sum(x, axis=axes, keepdims=True) if axes else x
 
-
-@jax.custom_vjp
-def _gather_rows(x, index, sources):
-  """x[..., index, :] along axis -2; x may broadcast over index's leading axes.
-
-  sources: int [t, *index.shape[:-1], x_rows]: every row j of x is read by
-  exactly the t output rows sources[:, ..., j] (t = 1 for a permutation, whose
-  sources are its inverse). The gradient gathers from those rows instead of
-  the scatter-add JAX would emit, which is slow on CPU and TPU.
-  """
-  del sources
-  return jnp.take_along_axis(x, index[..., None], axis=-2)
-
-
-def _gather_rows_fwd(x, index, sources):
-  return _gather_rows(x, index, sources), (x.shape, sources)
-
-
-def _gather_rows_bwd(res, g):
-  shape, sources = res
-  gx = sum(jnp.take_along_axis(g, src[..., None], axis=-2) for src in sources)
-  return _sum_to_shape(gx, shape), None, None
-
-
-_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
-
-
-def _permute(x, order, inverse):
-  """x[..., order, :] along axis -2, with a gather as its gradient."""
-  return _gather_rows(x, order, inverse[None])
-
-
-def _look_back_rows(order, inverse, geo):
-  """(index, sources) to gather sorted keys as [chunk i | chunk i - 1] rows.
-
-  Gathering these rows directly avoids concatenating key chunks, which XLA
-  emits as a slow element-wise copy on CPU. Chunk 0's previous chunk is the
-  last one (wrap-around). Output rows: [..., n_chunks * 2 * chunk].
-  """
-  c, n_chunks = geo.chunk, geo.n_chunks
-  chunks = order.reshape(order.shape[:-1] + (n_chunks, c))
-  index = jnp.concatenate([chunks, jnp.roll(chunks, 1, axis=-2)], axis=-1)
-  chunk, offset = inverse // c, inverse % c
-  current = chunk * 2 * c + offset
-  previous = (chunk + 1) % n_chunks * 2 * c + c + offset
-  return index.reshape(order.shape[:-1] + (-1,)), jnp.stack([current, previous])
-
-
-class Setup(NamedTuple):
-  """Padded, grouped inputs and the per-round sort orders.
+class Orders(NamedTuple):
+  """Sort orders (positions by rank) and their inverses (rank by position).
 
   rounds = n_hashes, or 1 when n_buckets == 1 (identical rounds).
   """
-  q: jax.Array            # [b, n, kv_heads, groups, d]
-  k: jax.Array            # [b, n, kv_heads, d]
-  v: jax.Array            # [b, n, kv_heads, d]
   q_order: jax.Array      # int32 [b, kv_heads, groups, rounds, n]
   q_inverse: jax.Array
   k_order: jax.Array      # int32 [b, kv_heads, rounds, n]
   k_inverse: jax.Array
   q_lengths: jax.Array    # int32 [b]
   kv_lengths: jax.Array
+
+
+class Setup(NamedTuple):
+  """Padded, grouped inputs and the per-round sort orders."""
+  q: jax.Array            # [b, n, kv_heads, groups, d]
+  k: jax.Array            # [b, n, kv_heads, d]
+  v: jax.Array            # [b, n, kv_heads, d]
+  orders: Orders
   exclude_self: bool
   geo: Geometry
 
@@ -353,8 +326,8 @@ def prepare(q, k, v, params, *, q_lengths, kv_lengths, rng) -> Setup:
                                     geo.n_buckets)
     k_ids = bucket_ids(k[:, :, :, None], rot, kl, geo.n_buckets)[:, :, 0]
     k_order, k_inverse = sort_order(k_ids, geo.n_buckets)
-  return Setup(qg, k, v, q_order, q_inverse, k_order, k_inverse, ql, kl,
-               shared, geo)
+  orders = Orders(q_order, q_inverse, k_order, k_inverse, ql, kl)
+  return Setup(qg, k, v, orders, shared, geo)
 
 
 class RoundSoftmax(NamedTuple):
@@ -385,95 +358,286 @@ def round_weights(lse, axis: int):
   return jax.nn.softmax(lse, axis=axis), jnp.any(lse > _EMPTY, axis=axis)
 
 
-class Chunked(NamedTuple):
-  """Per-round results in sorted chunk layout [b, kv, r, C, g, c, ...]."""
-  soft: RoundSoftmax     # p/denom [b, kv, r, C, g, c, w]; lse [.., c]
-  out: jax.Array         # [b, kv, g, r, n, d] float32, unsorted
-  lse: jax.Array         # [b, kv, g, r, n], unsorted
-  q_pos: jax.Array       # [b, kv, r, C, g, c]
-  k_pos: jax.Array       # [b, kv, r, C, 1, w]
+# ---------------------------------------------------------------------------
+# The chunked path. Everything per round lives in SORTED order, [b, kv, g, r,
+# n, ...] (rank n along axis 4); the inputs and the result live in original
+# order, [b, n, kv, g, ...]. A loop over groups of sorted chunks gathers each
+# group's query rows and its candidate key rows straight from q, k and v, so
+# no sorted copy of q, k or v exists; only the per-round outputs ([b, kv, g,
+# r, n, d]) are kept whole, to be unsorted by a gather. The gradient is
+# written out (custom VJP) as the same loop, and every move between the two
+# orders in it is a gather too.
+
+# Query rows per loop step (whole chunks, at least one): each step's scores
+# are [b, kv, g, r, STEP_ROWS, 2 * chunk] floats, ~2 MiB at the defaults.
+STEP_ROWS = 512
 
 
-def _to_chunks(x, geo):
-  """[b, kv, g, r, n, ...] -> [b, kv, r, C, g, c, ...]."""
-  b, kv, g, r = x.shape[:4]
-  x = x.reshape((b, kv, g, r, geo.n_chunks, geo.chunk) + x.shape[5:])
-  return jnp.moveaxis(x, 2, 4)
+def _take_positions(x, pos, head_axes: int):
+  """Rows of x at original positions: x[b, pos, heads...].
+
+  x: [b, n, *heads, *row] with `head_axes` head axes; pos: int [b, *heads,
+  *idx] (each head's own positions). Returns [b, *heads, *idx, *row]. One
+  gather from x viewed as a table of b * n * prod(heads) rows; no copy of x.
+  """
+  b, n = x.shape[:2]
+  heads = x.shape[2:2 + head_axes]
+  h = math.prod(heads)
+  lead = (jnp.arange(b, dtype=jnp.int32)[:, None] * (n * h)
+          + jnp.arange(h, dtype=jnp.int32)[None]).reshape((b,) + heads)
+  lead = lead.reshape(lead.shape + (1,) * (pos.ndim - lead.ndim))
+  table = x.reshape((b * n * h,) + x.shape[2 + head_axes:])
+  return table.at[lead + pos * h].get(mode='promise_in_bounds')
 
 
-def _from_chunks(x, geo):
-  """[b, kv, r, C, g, c, ...] -> [b, kv, g, r, n, ...]."""
-  x = jnp.moveaxis(x, 4, 2)
-  b, kv, g, r = x.shape[:4]
-  return x.reshape((b, kv, g, r, geo.length) + x.shape[6:])
+def _unsort_ids(inverse):
+  """Row ids that read [b, *heads, n, ...] sorted rows back in original order.
+
+  inverse: int [b, *heads, n], the rank of each position. Returns int
+  [b, n, *heads] indexing the sorted array viewed as b * prod(heads) * n rows.
+  """
+  n = inverse.shape[-1]
+  base = jnp.arange(inverse.size // n, dtype=jnp.int32) * n
+  return jnp.moveaxis(base.reshape(inverse.shape[:-1] + (1,)) + inverse, -1, 1)
 
 
-def chunked_rounds(s: Setup, *, causal: bool) -> Chunked:
-  """Attention of every round inside sorted chunks (and the previous chunk)."""
-  geo = s.geo
-  b, n, kv, g, d = s.q.shape
-  r = s.q_order.shape[3]
-  scale = masks.default_scale(d)
-  # Queries: [b, kv, g, 1, n, d] permuted per round -> chunk layout.
-  q = jnp.moveaxis(s.q, 1, 3)[:, :, :, None]
-  sq = _to_chunks(_permute(q, s.q_order, s.q_inverse), geo)
-  q_pos = _to_chunks(s.q_order, geo)
-  # Keys and values: [b, kv, 1, n, d] gathered per round straight into
-  # [b, kv, r, C, w, d], w = 2c keys (own chunk, then the previous one).
-  if geo.n_chunks > 1:
-    index, sources = _look_back_rows(s.k_order, s.k_inverse, geo)
-  else:
-    index, sources = s.k_order, s.k_inverse[None]
-  def sorted_chunks(x):
-    x = _gather_rows(jnp.moveaxis(x, 1, 2)[:, :, None], index, sources)
-    return x.reshape(b, kv, r, geo.n_chunks, -1, d)
-  sk, sv = sorted_chunks(s.k), sorted_chunks(s.v)
-  k_pos = index.reshape(b, kv, r, geo.n_chunks, 1, -1)
-  scores = jnp.einsum('bkrcgid,bkrcjd->bkrcgij', sq, sk,
-                      preferred_element_type=jnp.float32) * scale
-  mask = masks.allowed(q_pos, k_pos, s.q_lengths, s.kv_lengths, causal=causal)
-  is_self = (q_pos[..., :, None] == k_pos[..., None, :]
-             if s.exclude_self else None)
+def _unsort(sorted_rows, ids):
+  """[b, *heads, n, *row] in sorted order -> [b, n, *heads, *row] (a gather)."""
+  table = sorted_rows.reshape((-1,) + sorted_rows.shape[ids.ndim:])
+  return table.at[ids].get(mode='promise_in_bounds')
+
+
+def _unsort_rounds(sorted_rows, ids, weights=None):
+  """sum_r weights_r * (round r of sorted_rows in original order).
+
+  sorted_rows: [b, *heads, r, n, d]; ids: [b, n, *heads, r] from
+  _unsort_ids; weights: None (all 1) or [b, n, *heads, r]. Returns
+  [b, n, *heads, d]. One gather per round, added up as it goes: XLA fuses
+  the gathers into the sum instead of materialising each round's copy.
+  """
+  total = 0.0
+  for r in range(ids.shape[-1]):
+    rows = _unsort(sorted_rows, ids[..., r:r + 1])[..., 0, :]
+    total += rows if weights is None else weights[..., r, None] * rows
+  return total
+
+
+class _Static(NamedTuple):
+  geo: Geometry
+  causal: bool
+  exclude_self: bool
+
+
+class _Chunks(NamedTuple):
+  """Original positions of one step's sorted chunks and their candidates."""
+  q_pos: jax.Array   # int32 [b, kv, g, r, G, c]
+  k_pos: jax.Array   # int32 [b, kv, r, G, w]: own chunk, then the previous
+
+
+def _key_table(st: _Static, o: Orders):
+  """Sorted key positions with the last chunk copied in front, [.., (C+1)c],
+  so that chunk i and its previous chunk (chunk 0's is the last one: wrap-
+  around) are one contiguous slice. With a single chunk there is no look-back:
+  it would be the same chunk, and every key would be counted twice."""
+  if st.geo.n_chunks == 1:
+    return o.k_order
+  return jnp.concatenate([o.k_order[..., -st.geo.chunk:], o.k_order], axis=-1)
+
+
+def _step_chunks(st: _Static, o: Orders, key_table, start, count: int):
+  """Positions for sorted chunks start .. start + count - 1 (start traced)."""
+  c = st.geo.chunk
+  b, kv, g, r, _ = o.q_order.shape
+  q_pos = jax.lax.dynamic_slice_in_dim(o.q_order, start * c, count * c, 4)
+  q_pos = q_pos.reshape(b, kv, g, r, count, c)
+  if st.geo.n_chunks == 1:
+    return _Chunks(q_pos, key_table.reshape(b, kv, r, 1, c))
+  rows = jax.lax.dynamic_slice_in_dim(key_table, start * c, (count + 1) * c, 3)
+  rows = rows.reshape(b, kv, r, count + 1, c)
+  return _Chunks(q_pos, jnp.concatenate([rows[:, :, :, 1:], rows[:, :, :, :-1]],
+                                        axis=-1))
+
+
+class _StepProbs(NamedTuple):
+  probs: jax.Array    # [b, kv, g, r, G, c, w] normalised per round
+  lse: jax.Array      # [b, kv, g, r, G, c]
+  q: jax.Array        # [b, kv, g, r, G, c, d] the query rows
+  k: jax.Array        # [b, kv, r, G, w, d] the candidate key rows
+  is_self: jax.Array | None
+
+
+def _step_probs(st: _Static, o: Orders, q, k, ch: _Chunks) -> _StepProbs:
+  """Each round's softmax over the candidates of one step's query rows."""
+  qr = _take_positions(q, ch.q_pos, 2)
+  kr = _take_positions(k, ch.k_pos, 1)
+  scores = jnp.einsum('bkgrxid,bkrxjd->bkgrxij', qr, kr,
+                      preferred_element_type=jnp.float32)
+  scores = scores * masks.default_scale(q.shape[-1])
+  k_pos = ch.k_pos[:, :, None]
+  mask = masks.allowed(ch.q_pos, k_pos, o.q_lengths, o.kv_lengths,
+                       causal=st.causal)
+  is_self = (ch.q_pos[..., :, None] == k_pos[..., None, :]
+             if st.exclude_self else None)
   soft = round_softmax(scores, mask, is_self)
-  out = jnp.einsum('bkrcgij,bkrcjd->bkrcgid', soft.p, sv.astype(jnp.float32))
-  out = _from_chunks(out / soft.denom, geo)
-  lse = _from_chunks(soft.lse, geo)
-  out = _permute(out, s.q_inverse, s.q_order)
-  lse = _permute(lse[..., None], s.q_inverse, s.q_order)[..., 0]
-  return Chunked(soft, out, lse, q_pos, k_pos)
+  return _StepProbs(soft.p / soft.denom, soft.lse, qr, kr, is_self)
 
 
-def _heads_last(x, n_q):
-  """[b, kv, g, n, d] -> [b, n_q, kv * g, d]."""
-  b, kv, g, n, d = x.shape
-  return jnp.moveaxis(x, 3, 1).reshape(b, n, kv * g, d)[:, :n_q]
+def _for_each_step(geo: Geometry, body, carry):
+  """carry = body(start_chunk, n_chunks, carry) over all sorted chunks: a
+  loop of steps of STEP_ROWS query rows, then one shorter step if needed."""
+  per = min(max(STEP_ROWS // geo.chunk, 1), geo.n_chunks)
+  steps, rest = divmod(geo.n_chunks, per)
+  carry = jax.lax.fori_loop(0, steps, lambda i, c: body(i * per, per, c),
+                            carry)
+  return body(steps * per, rest, carry) if rest else carry
 
 
-def _dense_to_heads(w, n_q, n_k):
-  """[b, kv, g, n, n] -> [b, kv * g, n_q, n_k]."""
-  b, kv, g, n, _ = w.shape
-  return w.reshape(b, kv * g, n, n)[:, :, :n_q, :n_k]
+def _put(buffer, rows, start_row, axis: int):
+  """Writes rows (reshaped to the buffer's other axes) at start_row."""
+  shape = buffer.shape[:axis] + (-1,) + buffer.shape[axis + 1:]
+  return jax.lax.dynamic_update_slice_in_dim(buffer, rows.reshape(shape),
+                                             start_row, axis)
 
 
-def _combined_output(c: Chunked):
-  w, has_key = round_weights(c.lse, axis=3)
-  out = jnp.sum(w[..., None] * c.out, axis=3)
-  return jnp.where(has_key[..., None], out, 0.0)
+def _sorted_rounds(st: _Static, o: Orders, q, k, v):
+  """Per-round outputs and log-sum-exps in sorted order: [b, kv, g, r, n, d]
+  float32 and [b, kv, g, r, n]."""
+  b, n, kv, g, d = q.shape
+  r = o.q_order.shape[3]
+  key_table = _key_table(st, o)
+
+  def body(start, count, carry):
+    out, lse = carry
+    ch = _step_chunks(st, o, key_table, start, count)
+    sp = _step_probs(st, o, q, k, ch)
+    vr = _take_positions(v, ch.k_pos, 1).astype(jnp.float32)
+    rows = jnp.einsum('bkgrxij,bkrxjd->bkgrxid', sp.probs, vr)
+    first = start * st.geo.chunk
+    return _put(out, rows, first, 4), _put(lse, sp.lse, first, 4)
+
+  init = (jnp.zeros((b, kv, g, r, n, d), jnp.float32),
+          jnp.zeros((b, kv, g, r, n), jnp.float32))
+  return _for_each_step(st.geo, body, init)
 
 
-def _chunked_weights(s: Setup, c: Chunked):
+def _round_weights_sorted(lse_sorted, o: Orders):
+  """(weights [b, n, kv, g, r], has_key [b, n, kv, g], the same weights in
+  each round's sorted order [b, kv, g, r, n]) from sorted log-sum-exps."""
+  lse = _unsort(lse_sorted, _unsort_ids(o.q_inverse))
+  w, has_key = round_weights(lse, axis=-1)
+  w_sorted = jnp.take_along_axis(jnp.moveaxis(w, 1, -1), o.q_order, axis=-1)
+  return w, has_key, w_sorted
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked_attention(st: _Static, q, k, v, o: Orders):
+  """Combined output [b, n, kv, g, d] float32; zeros for rows with no key."""
+  return _chunked_attention_fwd(st, q, k, v, o)[0]
+
+
+def _chunked_attention_fwd(st, q, k, v, o):
+  out_sorted, lse_sorted = _sorted_rounds(st, o, q, k, v)
+  w, has_key, _ = _round_weights_sorted(lse_sorted, o)
+  out = _unsort_rounds(out_sorted, _unsort_ids(o.q_inverse), w)
+  out = jnp.where(has_key[..., None], out, 0.0)
+  return out, (q, k, v, o, out, lse_sorted)
+
+
+def _chunked_attention_bwd(st, res, g_out):
+  """Gradient of the combined softmax over every round's candidates.
+
+  Combining rounds by their log-sum-exps makes the output one softmax over
+  the union of the rounds' candidates: P_rj = w_r p_rj. Hence, with g the
+  output cotangent, dscore_rj = P_rj (g . v_j - g . out), dv_j = sum P_rj g,
+  dq = sum dscore k * scale, dk = sum dscore q * scale. A shared-QK self
+  score is a constant (no gradient). Query-row gradients are built in sorted
+  order; key-row gradients are added per window into sorted key rows laid
+  out like _key_table (the last chunk copied in front, folded back at the
+  end). Both are unsorted by gathers.
+  """
+  q, k, v, o, out, lse_sorted = res
+  b, n, kv, g, d = q.shape
+  r = o.q_order.shape[3]
+  c = st.geo.chunk
+  _, has_key, w_sorted = _round_weights_sorted(lse_sorted, o)
+  g_out = jnp.where(has_key[..., None], g_out.astype(jnp.float32), 0.0)
+  g_dot_out = jnp.moveaxis(jnp.sum(g_out * out, axis=-1), 1, -1)  # [b,kv,g,n]
+  g_dot_out = jnp.take_along_axis(g_dot_out[:, :, :, None], o.q_order, -1)
+  scale = masks.default_scale(d)
+  key_table = _key_table(st, o)
+
+  def body(start, count, carry):
+    dq, dk, dv = carry
+    ch = _step_chunks(st, o, key_table, start, count)
+    sp = _step_probs(st, o, q, k, ch)
+    first = start * c
+
+    def rows(x):  # sorted per-round rows of this step: [b, kv, g, r, G, c]
+      x = jax.lax.dynamic_slice_in_dim(x, first, count * c, 4)
+      return x.reshape(b, kv, g, r, count, c)
+
+    def add_window(buffer, win):  # win [b, kv, r, G, w, d] into G + 1 chunks
+      own = win[..., :c, :].reshape(b, kv, r, count * c, d)
+      block = jnp.pad(own, [(0, 0)] * 3 + [(c, 0), (0, 0)])
+      if st.geo.n_chunks > 1:  # chunk x's look-back went to chunk x - 1
+        given = win[..., c:, :].reshape(b, kv, r, count * c, d)
+        block += jnp.pad(given, [(0, 0)] * 3 + [(0, c), (0, 0)])
+      old = jax.lax.dynamic_slice_in_dim(buffer, first, (count + 1) * c, 3)
+      return jax.lax.dynamic_update_slice_in_dim(buffer, old + block, first, 3)
+
+    pw = sp.probs * rows(w_sorted)[..., None]
+    gr = _take_positions(g_out, ch.q_pos, 2)
+    vr = _take_positions(v, ch.k_pos, 1).astype(jnp.float32)
+    ds = pw * (jnp.einsum('bkgrxid,bkrxjd->bkgrxij', gr, vr)
+               - rows(g_dot_out)[..., None])
+    if sp.is_self is not None:
+      ds = jnp.where(sp.is_self, 0.0, ds)
+    dq_rows = jnp.einsum('bkgrxij,bkrxjd->bkgrxid', ds,
+                         sp.k.astype(jnp.float32)) * scale
+    dk_win = jnp.einsum('bkgrxij,bkgrxid->bkrxjd', ds,
+                        sp.q.astype(jnp.float32)) * scale
+    dv_win = jnp.einsum('bkgrxij,bkgrxid->bkrxjd', pw, gr)
+    return (_put(dq, dq_rows, first, 4), add_window(dk, dk_win),
+            add_window(dv, dv_win))
+
+  key_rows = jnp.zeros((b, kv, r, n + c, d), jnp.float32)
+  dq, dk, dv = _for_each_step(
+      st.geo, body,
+      (jnp.zeros((b, kv, g, r, n, d), jnp.float32), key_rows, key_rows))
+  dq = _unsort_rounds(dq, _unsort_ids(o.q_inverse))
+  k_ids = _unsort_ids(o.k_inverse)
+
+  def unsort_keys(rows):  # fold the copied chunk back onto the last chunk
+    rows = rows[..., c:, :].at[..., n - c:, :].add(rows[..., :c, :])
+    return _unsort_rounds(rows, k_ids)
+
+  dk, dv = unsort_keys(dk), unsort_keys(dv)
+  no_grad = jax.tree_util.tree_map(lambda _: None, o)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), no_grad
+
+
+_chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
+
+
+def _static(s: Setup, causal: bool) -> _Static:
+  return _Static(s.geo, causal, s.exclude_self)
+
+
+def _chunked_weights(s: Setup, *, causal: bool):
   """Dense [b, kv, g, n, n]: every round's chunk probabilities, scattered."""
-  geo = s.geo
+  st, o = _static(s, causal), s.orders
   b, n, kv, g, _ = s.q.shape
-  w, _ = round_weights(c.lse, axis=3)
-  w_sorted = _to_chunks(jnp.take_along_axis(w, s.q_order, axis=-1), geo)
-  probs = c.soft.p / c.soft.denom * w_sorted[..., None]
+  r = o.q_order.shape[3]
+  ch = _step_chunks(st, o, _key_table(st, o), 0, s.geo.n_chunks)
+  sp = _step_probs(st, o, s.q, s.k, ch)
+  _, _, w_sorted = _round_weights_sorted(sp.lse.reshape(b, kv, g, r, n), o)
+  probs = sp.probs * w_sorted.reshape(sp.lse.shape)[..., None]
   shape = probs.shape
   bi = jnp.arange(b).reshape((b,) + (1,) * (len(shape) - 1))
   ki = jnp.arange(kv).reshape((1, kv) + (1,) * (len(shape) - 2))
-  gi = jnp.arange(g).reshape((1,) * 4 + (g,) + (1,) * (len(shape) - 5))
-  qi = c.q_pos[..., :, None]
-  kj = c.k_pos[..., None, :]
+  gi = jnp.arange(g).reshape((1, 1, g) + (1,) * (len(shape) - 3))
+  qi = ch.q_pos[..., :, None]
+  kj = ch.k_pos[:, :, None, :, :, None, :]
   dense = jnp.zeros((b, kv, g, n, n), jnp.float32)
   return dense.at[bi, ki, gi, qi, kj].add(probs)
 
@@ -485,14 +649,15 @@ def reference_weights(s: Setup, *, causal: bool):
   scores = jnp.einsum('bnkgd,bmkd->bkgnm', s.q, s.k,
                       preferred_element_type=jnp.float32)
   scores = scores[:, :, :, None] * masks.default_scale(d)  # [b,kv,g,1,n,n]
-  q_chunk = s.q_inverse // geo.chunk                      # [b,kv,g,r,n]
-  k_chunk = (s.k_inverse // geo.chunk)[:, :, None]        # [b,kv,1,r,n]
+  o = s.orders
+  q_chunk = o.q_inverse // geo.chunk                      # [b,kv,g,r,n]
+  k_chunk = (o.k_inverse // geo.chunk)[:, :, None]        # [b,kv,1,r,n]
   same = q_chunk[..., :, None] == k_chunk[..., None, :]
   if geo.n_chunks > 1:
     prev = (q_chunk - 1) % geo.n_chunks
     same |= prev[..., :, None] == k_chunk[..., None, :]
   pos = jnp.arange(n)[None]
-  ok = masks.allowed(pos, pos, s.q_lengths, s.kv_lengths, causal=causal)
+  ok = masks.allowed(pos, pos, o.q_lengths, o.kv_lengths, causal=causal)
   mask = same & ok[:, None, None, None]
   is_self = jnp.eye(n, dtype=bool) if s.exclude_self else None
   soft = round_softmax(scores, mask, is_self)
@@ -506,14 +671,13 @@ def attend(q, k, v, params, *, implementation='auto', causal=False,
   """LSH attention output [batch, q_len, heads, head_dim] in q's dtype."""
   s = prepare(q, k, v, params, q_lengths=q_lengths, kv_lengths=kv_lengths,
               rng=rng)
+  b, n, kv, g, d = s.q.shape
   n_q = q.shape[1]
   if implementation == 'reference':
-    probs = reference_weights(s, causal=causal)
-    b, n, kv, g, d = s.q.shape
-    probs = probs.reshape(b, kv * g, n, n)
+    probs = reference_weights(s, causal=causal).reshape(b, kv * g, n, n)
     return full.probs_times_v(probs, s.v, q.dtype)[:, :n_q]
-  out = _combined_output(chunked_rounds(s, causal=causal))
-  return _heads_last(out, n_q).astype(q.dtype)
+  out = _chunked_attention(_static(s, causal), s.q, s.k, s.v, s.orders)
+  return out.reshape(b, n, kv * g, d)[:, :n_q].astype(q.dtype)
 
 
 def weights(q, k, v, params, *, implementation='auto', causal=False,
@@ -524,5 +688,6 @@ def weights(q, k, v, params, *, implementation='auto', causal=False,
   if implementation == 'reference':
     dense = reference_weights(s, causal=causal)
   else:
-    dense = _chunked_weights(s, chunked_rounds(s, causal=causal))
-  return _dense_to_heads(dense, q.shape[1], k.shape[1])
+    dense = _chunked_weights(s, causal=causal)
+  b, kv, g, n, _ = dense.shape
+  return dense.reshape(b, kv * g, n, n)[:, :, :q.shape[1], :k.shape[1]]

@@ -17,6 +17,8 @@ KV_LENGTHS = jnp.array([12, 0, 5])
 
 
 def _spec(implementation='auto', **params):
+  # Separate queries and keys unless a test asks for shared QK (the default).
+  params.setdefault('shared_qk', False)
   return {'kind': 'lsh', 'implementation': implementation, 'lsh': params}
 
 
@@ -172,7 +174,8 @@ def _numpy_pattern(q, k, rot, params, q_lengths, kv_lengths):
 @pytest.mark.parametrize('n_buckets', [8, 144])  # 144: two hash factors
 def test_weights_follow_the_hashed_chunks(n_buckets):
   n = 32
-  params = dict(lsh.DEFAULTS, n_buckets=n_buckets, bucket_size=4)
+  params = dict(lsh.DEFAULTS, n_buckets=n_buckets, bucket_size=4,
+                shared_qk=False)
   q, k, v = _inputs(n_q=n, n_k=n)
   lengths = np.array([32, 20, 27])
   rng = jax.random.PRNGKey(11)
@@ -197,9 +200,16 @@ def test_weights_follow_the_hashed_chunks(n_buckets):
       np.testing.assert_allclose(sums[rows], 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize('causal, shared_qk', [(False, False), (True, True)])
-def test_chunked_matches_dense_pattern_reference(causal, shared_qk):
+# step_rows: query rows per loop step of the chunked path. 24 tokens in
+# 4-token chunks are 6 chunks: one step (512), 3 steps of 2 chunks (8), or a
+# step of 4 chunks and a shorter one of 2 (16).
+@pytest.mark.parametrize('causal, shared_qk, step_rows', [
+    (False, False, 512), (True, True, 512), (True, False, 16),
+    (False, True, 8)])
+def test_chunked_matches_dense_pattern_reference(causal, shared_qk, step_rows,
+                                                 monkeypatch):
   """The chunked path equals an O(N^2) computation of the same pattern."""
+  monkeypatch.setattr(lsh, 'STEP_ROWS', step_rows)
   n = 24
   q, k, v = _inputs(n_q=n, n_k=n)
   params = dict(n_buckets=6, bucket_size=4, n_hashes=3, shared_qk=shared_qk)
@@ -247,7 +257,8 @@ def test_bfloat16_inputs_give_bfloat16_close_to_float32():
 
 
 def test_hash_factors_and_automatic_bucket_count():
-  assert lsh.hash_factors(64) == (64,)
+  assert lsh.hash_factors(32) == (32,)
+  assert lsh.hash_factors(64) == (8, 8)
   assert lsh.hash_factors(256) == (16, 16)
   assert lsh.hash_factors(512) == (16, 32)
   assert lsh.hash_factors(130) == (130,)  # no two even factors
