@@ -1,12 +1,13 @@
 """Attention micro-benchmark: time and peak memory per kind and length.
 
   python main.py --mode=benchmark --config=configs/benchmark.py --workdir=runs/bench
-Times the forward pass and forward+backward (median of `repeats` runs after
-`warmup`), reads FLOPs and peak memory off the compiled executables, and sets
-each kind beside its peer jax.nn.dot_product_attention measured in the same
-process (plain, and with local_window_size for `local`). Presets: cpu
-(default: 1K..16K, batch 1, 4 heads, head dim 64, float32), smoke (tests),
-gpu (bfloat16, longer sequences).
+Times the forward pass and forward+backward (median of at least `repeats`
+runs after `warmup`, and of as many as fit in `min_time_s`), reads FLOPs and
+peak memory off the compiled executables, and sets each kind beside its
+peer jax.nn.dot_product_attention measured in the same process (plain, and
+with local_window_size for `local`). Presets: cpu (default: 1K..16K, batch
+1, 4 heads, head dim 64, float32), smoke (tests), gpu (bfloat16, longer
+sequences).
 """
 import ml_collections
 
@@ -17,6 +18,7 @@ from configs import default
 def _smoke(c):
   c.lengths = '64,128'
   c.repeats = 2
+  c.min_time_s = 0.0
   c.warmup = 1
 
 
@@ -43,6 +45,9 @@ def get_config(arg=None):
   c.dtype = 'float32'             # 'float32' | 'bfloat16'
   c.causal = False                # causal masking
   c.repeats = 5                   # timed runs per cell (median reported)
+  # ...and more runs until the timed calls add up to this many seconds, so
+  # fast cells get a stable median on a shared machine.
+  c.min_time_s = 1.0
   c.warmup = 1                    # untimed runs per cell after compilation
   # Skip cells whose compiled peak exceeds this share of available memory:
   # XLA:CPU's resident peak ran ~1.5x its memory analysis (the 16K dense

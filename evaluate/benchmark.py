@@ -65,11 +65,14 @@ def _program(fn, pass_name):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def _median_seconds(compiled, args, warmup, repeats):
+def _median_seconds(compiled, args, warmup, repeats, min_time_s=0.0):
+  """Median wall time of at least `repeats` calls, and of as many more as
+  fit in `min_time_s` of timed calls: a fast cell gets enough samples for a
+  stable median on a noisy machine; a slow one costs only `repeats` calls."""
   for _ in range(warmup):
     jax.block_until_ready(compiled(*args))
   times = []
-  for _ in range(repeats):
+  while len(times) < repeats or sum(times) < min_time_s:
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - t0)
@@ -108,7 +111,7 @@ def measure(config, name, fn, pass_name, n, implementation):
     return {**row, 'status': 'does not fit in memory'}
   try:
     row['time_s'] = _median_seconds(compiled, args, config.warmup,
-                                    config.repeats)
+                                    config.repeats, config.min_time_s)
   except Exception as e:  # resource exhaustion at run time on accelerators
     if 'RESOURCE_EXHAUSTED' in str(e) or 'out of memory' in str(e).lower():
       return {**row, 'status': 'out of memory'}

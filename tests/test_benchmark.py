@@ -1,6 +1,7 @@
 """Benchmark mode: rows for every kind, peers in the same run, ratios, exponents."""
 import json
 import os
+import time
 
 import pytest
 
@@ -27,6 +28,23 @@ def test_smoke_benchmark_writes_rows_and_ratios(tmp_path):
   table = (tmp_path / 'benchmark.md').read_text()
   assert '| local | 64 | forward |' in table
   assert 'x |' in table  # a ratio against the peer was rendered
+
+
+def test_fast_cells_are_timed_until_min_time():
+  calls = []
+
+  def compiled():
+    calls.append(None)
+    time.sleep(0.002)
+    return 0
+
+  benchmark._median_seconds(compiled, (), warmup=1, repeats=3)
+  assert len(calls) == 1 + 3
+  calls.clear()
+  median = benchmark._median_seconds(compiled, (), warmup=0, repeats=3,
+                                     min_time_s=0.05)
+  assert 3 < len(calls) <= 26  # >= 2 ms each: at most 25 fit in 50 ms, + 1
+  assert median >= 0.002
 
 
 def test_scaling_exponent_of_known_rows():
