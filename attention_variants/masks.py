@@ -140,9 +140,13 @@ class KeyPart(NamedTuple):
   """One set of keys that blocked queries attend to (gathered variants).
 
   Queries come as blocks [batch, blocks, block_len, kv_heads, groups, d].
-  k, v: [batch, blocks|1, block_len|1, t, kv_heads, groups|1, d]; an axis
+  k: [batch, blocks|1, kv_heads, groups|1, block_len|1, t, d] and
+  v: [batch, blocks|1, kv_heads, groups|1, block_len|1, d, t]; an axis
     written `|1` may have size 1 and is then shared by every query block,
-    every row of a block, or every query head of a GQA group.
+    every query head of a GQA group, or every row of a block. These are the
+    layouts in which XLA:CPU's score and output matmuls read their operands
+    (batch axes first, the contracted axis last), so keys shared by all
+    query blocks can be laid out once and read in place, not copied per use.
   mask: bool, broadcastable to [batch, blocks, kv_heads, groups, block_len, t]:
     which of the t keys each query may see (padding, causality, pattern and
     duplicates across parts already applied).
@@ -156,11 +160,12 @@ class KeyPart(NamedTuple):
   pos: jax.Array
 
 
-def _part_operand(x):
-  """(einsum subscript, x without its shared size-1 axes) for a KeyPart k/v."""
+def _part_operand(x, axes):
+  """(einsum subscript, x without its shared size-1 axes) for a KeyPart's k
+  (axes 'bnkgqtd') or v ('bnkgqdt')."""
   keep = [not (axis in 'nqg' and size == 1)
-          for axis, size in zip('bnqtkgd', x.shape)]
-  sub = ''.join(a for a, kept in zip('bnqtkgd', keep) if kept)
+          for axis, size in zip(axes, x.shape)]
+  sub = ''.join(a for a, kept in zip(axes, keep) if kept)
   return sub, x.reshape(tuple(s for s, kept in zip(x.shape, keep) if kept))
 
 
@@ -173,7 +178,7 @@ def _key_part_exps(q_blocks, parts, scale):
   """
   scores = []
   for part in parts:
-    sub, k = _part_operand(part.k)
+    sub, k = _part_operand(part.k, 'bnkgqtd')
     s = jnp.einsum(f'bnqkgd,{sub}->bnkgqt', q_blocks, k,
                    preferred_element_type=jnp.float32) * scale
     scores.append(jnp.where(part.mask, s, NEG_INF))
@@ -204,11 +209,12 @@ def key_parts_output(q_blocks, parts, scale):
   exps, total = _key_part_exps(q_blocks, parts, scale)
   out = 0.0
   for e, part in zip(exps, parts):
-    sub, v = _part_operand(part.v)
-    out = out + jnp.einsum(f'bnkgqt,{sub}->bnqkgd', e.astype(v.dtype), v,
+    sub, v = _part_operand(part.v, 'bnkgqdt')
+    # Batch axes in the scores' order (k, g, q): no operand is transposed.
+    out = out + jnp.einsum(f'bnkgqt,{sub}->bnkgqd', e.astype(v.dtype), v,
                            preferred_element_type=jnp.float32)
   total = jnp.where(total == 0.0, 1.0, total)  # [b, n, k, g, q, 1]
-  return out / total[..., 0].transpose(0, 1, 4, 2, 3)[..., None]
+  return (out / total).transpose(0, 1, 4, 2, 3, 5)
 
 
 def key_parts_dense(probs, parts, n: int):

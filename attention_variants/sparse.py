@@ -4,7 +4,11 @@ Two registered kinds share one machinery: queries are cut into blocks, each
 query block gathers a compact set of keys (masks.KeyPart: its own and
 neighbouring blocks as shifted views, shared summary or global keys, gathered
 random blocks), and one float32 softmax runs over the union. No N x N score
-matrix or mask exists; time and memory are O(N x keys per query).
+matrix or mask exists; time is O(N x keys per query). A scan walks over
+groups of query blocks (SEGMENT_ROWS rows each, rematerialised in the
+backward pass), so scores exist for one group at a time; what the groups
+share (k and v padded by a block, or transposed for the strided columns) is
+made once. Memory is O(N) plus one group's scores.
 
 Notation: i is a query position and j a key position (0-based, absolute),
 l or b the block size, a = i // l and m = j // l the query and key blocks.
@@ -77,7 +81,7 @@ from __future__ import annotations
 
 import functools
 import types
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -173,54 +177,69 @@ def _as_mask(x):
 
 def _part(k, v, mask, pos):
   """KeyPart of keys [b, blocks|1, t, kv_heads, d] shared by a block's rows."""
-  return masks.KeyPart(k=k[:, :, None, :, :, None], v=v[:, :, None, :, :, None],
-                       mask=mask, pos=pos)
+  k = k.transpose(0, 1, 3, 2, 4)[:, :, :, None, None]  # [b, n, kvh, 1, 1, t, d]
+  v = v.transpose(0, 1, 3, 4, 2)[:, :, :, None, None]  # [b, n, kvh, 1, 1, d, t]
+  return masks.KeyPart(k=k, v=v, mask=mask, pos=pos)
 
 
 def _positions(blocks, block):
   """Absolute positions [len(blocks), block] of the given block ids."""
-  return np.asarray(blocks)[:, None] * block + np.arange(block)
+  return blocks[:, None] * block + np.arange(block)
 
 
-def _neighbour_ids(lo, hi, offsets, block):
-  """Key block id of each key slot [hi - lo, len(offsets) * block].
+def _query_blocks(first, count):
+  """Block ids first .. first + count - 1; numpy when first is an int, else
+  traced (first is a loop index)."""
+  return first + np.arange(count)
 
-  Query block a in [lo, hi) meets key blocks a + o; ids may fall outside
-  [0, blocks) and must then be masked.
+
+class _Looped(NamedTuple):
+  """Query blocks [lo, hi) whose key parts are built per group of blocks.
+
+  parts(first, count) returns the KeyParts of query blocks first .. first +
+  count - 1, where first may be traced: _output runs it in a loop over
+  groups of SEGMENT_ROWS query rows, so only one group's keys and scores
+  exist at a time. Anything the groups share (padded or transposed keys) is
+  made once by the segment builder, outside the loop.
   """
-  a = np.arange(lo, hi)[:, None, None]
-  ids = a + np.asarray(offsets)[None, :, None] + np.zeros(block, np.int64)
-  return ids.reshape(hi - lo, -1)
+  lo: int
+  hi: int
+  parts: Callable[..., list]
 
 
-def _neighbours(x, offsets, lo, hi):
-  """Blocks a + o of x [b, blocks, block, ...] for a in [lo, hi), o in offsets.
+# Query rows per loop step of a _Looped segment: each step's scores are
+# [b, SEGMENT_ROWS / block blocks, heads, block, keys per query] floats.
+# Not smaller: every step of the strided pattern reads all of its column
+# keys (O(N d)), so the steps' memory traffic grows as N^2 / SEGMENT_ROWS;
+# 256 rows measured a time exponent of 1.4 over 2K..16K on the 2-core CPU,
+# 1024 rows about 1.0.
+SEGMENT_ROWS = 1024
 
-  Concatenated along the key axis: [b, hi - lo, len(offsets) * block, ...].
-  Shifted static slices of x padded with zero blocks; nothing is gathered.
-  """
+
+def _window(f, offsets, valid_block, *, causal, left=None, right=None):
+  """parts(first, count) -> neighbouring key blocks a + o (o in offsets) of
+  query blocks a, masked by position. valid_block(ids) says which key block
+  ids this part may use. k and v are padded with zero blocks once; each
+  call takes shifted (dynamic) slices of them, nothing is gathered."""
   pad = max(abs(o) for o in offsets)
-  widths = [(0, 0)] * x.ndim
+  widths = [(0, 0)] * f.k.ndim
   widths[1] = (pad, pad)
-  xp = jnp.pad(x, widths)
-  views = [xp[:, lo + pad + o:hi + pad + o] for o in offsets]
-  return jnp.concatenate(views, axis=2)
+  kp, vp = jnp.pad(f.k, widths), jnp.pad(f.v, widths)
+  relative = np.asarray(offsets)[:, None] + np.zeros(f.block, np.int64)
 
-
-def _window_part(f, lo, hi, offsets, valid_block, *, causal, left=None,
-                 right=None):
-  """Neighbouring key blocks of query blocks [lo, hi), masked by position.
-
-  valid_block(ids) -> bool says which key block ids this part may use.
-  """
-  ids = _neighbour_ids(lo, hi, offsets, f.block)
-  pos = ids * f.block + np.tile(np.arange(f.block), len(offsets))
-  q_pos = _for_allowed(_positions(np.arange(lo, hi), f.block))
-  mask = masks.allowed(q_pos, _for_allowed(pos), f.ql, f.kl, causal=causal,
-                       left=left, right=right)
-  mask &= _as_mask(valid_block(ids))
-  return _part(_neighbours(f.k, offsets, lo, hi),
-               _neighbours(f.v, offsets, lo, hi), mask, _as_pos(pos))
+  def part(first, count):
+    blocks = _query_blocks(first, count)
+    ids = (blocks[:, None] + relative.reshape(1, -1))  # [count, slots]
+    pos = ids * f.block + np.tile(np.arange(f.block), len(offsets))
+    q_pos = _for_allowed(_positions(blocks, f.block))
+    mask = masks.allowed(q_pos, _for_allowed(pos), f.ql, f.kl, causal=causal,
+                         left=left, right=right)
+    mask &= _as_mask(valid_block(ids))
+    views = lambda x: jnp.concatenate(
+        [jax.lax.dynamic_slice_in_dim(x, first + pad + o, count, axis=1)
+         for o in offsets], axis=2)
+    return _part(views(kp), views(vp), mask, _as_pos(pos))
+  return part
 
 
 def _block_ids(ranges):
@@ -233,67 +252,84 @@ def _take_blocks(x, ranges):
   return jnp.concatenate([x[:, lo:hi] for lo, hi in ranges], axis=1)
 
 
-def _shared_part(f, lo, hi, key_ranges, *, causal):
-  """All keys of the blocks in key_ranges, one set for query blocks [lo, hi)."""
+def _shared(f, key_ranges, *, causal):
+  """parts(first, count) -> all keys of the blocks in key_ranges, one set
+  for every query block."""
   pos = _positions(_block_ids(key_ranges), f.block).reshape(1, -1)
-  q_pos = _for_allowed(_positions(np.arange(lo, hi), f.block))
-  mask = masks.allowed(q_pos, _for_allowed(pos), f.ql, f.kl, causal=causal)
   b, _, _, kvh, d = f.k.shape
   take = lambda x: _take_blocks(x, key_ranges).reshape(b, 1, -1, kvh, d)
-  return _part(take(f.k), take(f.v), mask, _as_pos(pos))
+  k, v = take(f.k), take(f.v)
+
+  def part(first, count):
+    q_pos = _for_allowed(_positions(_query_blocks(first, count), f.block))
+    mask = masks.allowed(q_pos, _for_allowed(pos), f.ql, f.kl, causal=causal)
+    return _part(k, v, mask, _as_pos(pos))
+  return part
+
+
+def _one_part(part):
+  return lambda first, count: [part(first, count)]
 
 
 # --- Sparse Transformer ----------------------------------------------------
 
 
-def _fixed_parts(f, causal, num_summary):
+def _fixed_segment(f, causal, num_summary):
   """Own block + the last c positions of every other block (shared set)."""
   nb, l = f.n_blocks, f.block
   c = min(num_summary, l)
-  own = _window_part(f, 0, nb, (0,), lambda ids: np.ones(ids.shape, bool),
-                     causal=causal)
+  own = _window(f, (0,), lambda ids: np.ones(ids.shape, bool), causal=causal)
   if nb == 1:
-    return [own]
+    return _Looped(0, nb, _one_part(own))
   b, _, _, kvh, d = f.k.shape
   summary = lambda x: x[:, :, l - c:].reshape(b, 1, nb * c, kvh, d)
+  ks, vs = summary(f.k), summary(f.v)
   key_block = np.repeat(np.arange(nb), c)
   pos = (key_block * l + np.tile(np.arange(l - c, l), nb))[None]
-  q_pos = _for_allowed(_positions(np.arange(nb), l))
-  mask = masks.allowed(q_pos, _for_allowed(pos), f.ql, f.kl, causal=causal)
-  # The own block's summary keys are already in `own`.
-  mask &= _as_mask(np.arange(nb)[:, None] != key_block[None, :])
-  return [own, _part(summary(f.k), summary(f.v), mask, _as_pos(pos))]
+
+  def parts(first, count):
+    blocks = _query_blocks(first, count)
+    q_pos = _for_allowed(_positions(blocks, l))
+    mask = masks.allowed(q_pos, _for_allowed(pos), f.ql, f.kl, causal=causal)
+    # The own block's summary keys are already in `own`.
+    mask &= _as_mask(blocks[:, None] != key_block[None, :])
+    return [own(first, count), _part(ks, vs, mask, _as_pos(pos))]
+  return _Looped(0, nb, parts)
 
 
-def _strided_parts(f, causal):
+def _strided_segment(f, causal):
   """Window |i - j| <= l from blocks a-1..a+1 + every l-th key further out."""
   nb, l = f.n_blocks, f.block
   offsets = (-1, 0) if causal else (-1, 0, 1)
-  in_range = lambda ids: (ids >= 0) & (ids < nb)
-  window = _window_part(f, 0, nb, offsets, in_range, causal=causal, left=l,
-                        right=l)
+  window = _window(f, offsets, lambda ids: (ids >= 0) & (ids < nb),
+                   causal=causal, left=l, right=l)
   if nb <= 2:
-    return [window]
+    return _Looped(0, nb, _one_part(window))
   # Column part: query (a, r) meets keys m * l + r, i.e. row r of the
   # transposed [b, l, blocks] keys. Positions share the (r, block) layout.
   col = np.arange(nb)[None, :] * l + np.arange(l)[:, None]  # [l, blocks]
-  ok = masks.allowed(jnp.asarray(col)[None], jnp.asarray(col)[None], f.ql,
-                     f.kl, causal=causal)  # [b, r, a, m]
-  far = np.abs(np.arange(nb)[:, None] - np.arange(nb)[None, :]) > 1
-  mask = ok.transpose(0, 2, 1, 3) & far[None, :, None, :]  # [b, a, r, m]
-  mask = mask[:, :, None, None]  # [b, a, kvh, g, r, m]
-  columns = lambda x: x.transpose(0, 2, 1, 3, 4)[:, None, :, :, :, None]
-  column = masks.KeyPart(k=columns(f.k), v=columns(f.v), mask=mask,
-                         pos=col[None, None, None])
-  return [window, column]
+  # KeyPart layouts, made once: k [b, 1, kvh, 1, l, blocks, d], v [b, 1,
+  # kvh, 1, l, d, blocks].
+  kc = f.k.transpose(0, 3, 2, 1, 4)[:, None, :, None]
+  vc = f.v.transpose(0, 3, 2, 4, 1)[:, None, :, None]
+
+  def parts(first, count):
+    blocks = _query_blocks(first, count)
+    q_col = _positions(blocks, l).T  # [l, count]
+    ok = masks.allowed(jnp.asarray(q_col)[None], jnp.asarray(col)[None], f.ql,
+                       f.kl, causal=causal)  # [b, r, a, m]
+    far = jnp.abs(blocks[:, None] - np.arange(nb)[None, :]) > 1
+    mask = ok.transpose(0, 2, 1, 3) & far[None, :, None, :]  # [b, a, r, m]
+    mask = mask[:, :, None, None]  # [b, a, kvh, g, r, m]
+    column = masks.KeyPart(k=kc, v=vc, mask=mask, pos=col[None, None, None])
+    return [window(first, count), column]
+  return _Looped(0, nb, parts)
 
 
 def _sparse_segments(f, params, causal):
   if params['pattern'] == 'fixed':
-    parts = _fixed_parts(f, causal, params['num_summary'])
-  else:
-    parts = _strided_parts(f, causal)
-  return [(((0, f.n_blocks),), f.q, parts)]
+    return [_fixed_segment(f, causal, params['num_summary'])]
+  return [_strided_segment(f, causal)]
 
 
 # --- BigBird ---------------------------------------------------------------
@@ -329,27 +365,38 @@ def random_blocks(seed, heads, n_blocks, num_global, num_random):
   return ids, valid
 
 
-def _random_part(f, lo, hi, ids, valid, causal):
-  """Random key blocks gathered per query head: [b, m, 1, r*bs, kvh, g, d]."""
+def _random(f, lo, ids, valid, causal):
+  """parts(first, count) -> the random key blocks of query blocks first ..
+  (rows first - lo of ids/valid), gathered per query head:
+  k [b, count, kvh, g, 1, r * bs, d], v with the last two axes swapped."""
   b, nb, bs, kvh, d = f.k.shape
   groups = f.q.shape[4]
-  m, r = hi - lo, ids.shape[-1]
-  ids = ids.reshape(kvh, groups, m, r)
+  r = ids.shape[-1]
+  ids = jnp.asarray(ids.reshape(kvh, groups, -1, r))
+  valid = jnp.asarray(valid.reshape(kvh, groups, -1, r))
   heads = np.arange(kvh)[:, None, None, None]
+  kt, vt = (x.transpose(0, 3, 1, 2, 4) for x in (f.k, f.v))  # [b,kvh,nb,bs,d]
 
-  def gather(x):
-    x = x.transpose(0, 3, 1, 2, 4)[:, heads, ids]  # [b, kvh, g, m, r, bs, d]
-    x = x.transpose(0, 3, 4, 5, 1, 2, 6)
-    return x.reshape(b, m, 1, r * bs, kvh, groups, d)
+  def part(first, count):
+    rows = lambda x: jax.lax.dynamic_slice_in_dim(x, first - lo, count, 2)
+    picked, ok = rows(ids), rows(valid)  # [kvh, g, count, r]
 
-  pos = (ids[..., None] * bs + np.arange(bs)).reshape(kvh, groups, m, r * bs)
-  pos = pos.transpose(2, 0, 1, 3)[:, :, :, None, :]  # [m, kvh, g, 1, t]
-  q_pos = _for_allowed(_positions(np.arange(lo, hi), bs))
-  mask = masks.allowed(q_pos, jnp.asarray(pos[None, :, :, :, 0]), f.ql, f.kl,
-                       causal=causal)
-  ok = np.repeat(valid.reshape(kvh, groups, m, r), bs, axis=-1)
-  mask &= ok.transpose(2, 0, 1, 3)[None, :, :, :, None, :]
-  return masks.KeyPart(k=gather(f.k), v=gather(f.v), mask=mask, pos=pos)
+    def gather(x):
+      x = x[:, heads, picked]  # [b, kvh, g, count, r, bs, d]
+      x = x.transpose(0, 3, 1, 2, 4, 5, 6)
+      return x.reshape(b, count, kvh, groups, 1, r * bs, d)
+
+    pos = (picked[..., None] * bs + np.arange(bs)).reshape(
+        kvh, groups, count, r * bs)
+    pos = pos.transpose(2, 0, 1, 3)[:, :, :, None, :]  # [count, kvh, g, 1, t]
+    q_pos = _for_allowed(_positions(_query_blocks(first, count), bs))
+    mask = masks.allowed(q_pos, pos[None, :, :, :, 0], f.ql, f.kl,
+                         causal=causal)
+    ok = jnp.repeat(ok, bs, axis=-1)
+    mask &= ok.transpose(2, 0, 1, 3)[None, :, :, :, None, :]
+    return masks.KeyPart(k=gather(kt), v=jnp.swapaxes(gather(vt), -1, -2),
+                         mask=mask, pos=pos)
+  return part
 
 
 def _global_query_segment(f, ranges, causal):
@@ -375,16 +422,17 @@ def _bigbird_segments(f, params, causal):
     offsets = (-1, 0) if causal else (-1, 0, 1)
     # Global key blocks come in their own part; never twice.
     middle = lambda ids: (ids >= lo) & (ids < hi)
-    parts = [_window_part(f, lo, hi, offsets, middle, causal=causal)]
+    builders = [_window(f, offsets, middle, causal=causal)]
     if global_ranges:
-      parts.append(_shared_part(f, lo, hi, global_ranges, causal=causal))
+      builders.append(_shared(f, global_ranges, causal=causal))
     if params['num_random']:
       heads = f.q.shape[3] * f.q.shape[4]
       ids, valid = random_blocks(params['seed'], heads, nb,
                                  params['num_global'], params['num_random'])
       if valid.any():
-        parts.append(_random_part(f, lo, hi, ids, valid, causal))
-    segments.append((((lo, hi),), f.q[:, lo:hi], parts))
+        builders.append(_random(f, lo, ids, valid, causal))
+    segments.append(_Looped(
+        lo, hi, lambda first, count: [p(first, count) for p in builders]))
   return segments
 
 
@@ -407,12 +455,46 @@ def _in_block_order(pieces, block):
                          axis=1)
 
 
+def _as_one_step(f, segment):
+  """(ranges, query blocks, parts) of a segment, all its blocks at once."""
+  if isinstance(segment, _Looped):
+    lo, hi = segment.lo, segment.hi
+    return ((lo, hi),), f.q[:, lo:hi], segment.parts(lo, hi - lo)
+  return segment
+
+
+def _looped_output(f, segment):
+  """[b, hi - lo, block, kv_heads, groups, d] float32: a scan over groups of
+  SEGMENT_ROWS query rows (each step rematerialised in the backward pass),
+  then one shorter group for the rest."""
+  lo, hi = segment.lo, segment.hi
+  per = min(max(SEGMENT_ROWS // f.block, 1), hi - lo)
+  steps, rest = divmod(hi - lo, per)
+
+  def group(first, count):
+    q = jax.lax.dynamic_slice_in_dim(f.q, first, count, axis=1)
+    return masks.key_parts_output(q, segment.parts(first, count), f.scale)
+
+  step = jax.checkpoint(lambda _, i: (None, group(lo + i * per, per)),
+                        prevent_cse=False)
+  _, out = jax.lax.scan(step, None, jnp.arange(steps))
+  out = jnp.moveaxis(out, 0, 1)
+  out = out.reshape((out.shape[0], steps * per) + out.shape[3:])
+  if rest:
+    out = jnp.concatenate([out, group(lo + steps * per, rest)], axis=1)
+  return out
+
+
 def _output(f, segments, n_q):
   """[b, n_q, heads, d] float32 from the segments' query blocks."""
   b, _, bs, kvh, g, d = f.q.shape
   pieces = []
-  for ranges, q, parts in segments:
-    out = masks.key_parts_output(q, parts, f.scale)  # [b, m, q, kvh, g, d]
+  for segment in segments:
+    if isinstance(segment, _Looped):
+      ranges, out = ((segment.lo, segment.hi),), _looped_output(f, segment)
+    else:
+      ranges, q, parts = segment
+      out = masks.key_parts_output(q, parts, f.scale)  # [b, m, q, kvh, g, d]
     pieces.append((ranges, out.reshape(b, -1, kvh * g, d)))
   return _in_block_order(pieces, bs)[:, :n_q]
 
@@ -422,7 +504,8 @@ def _dense(f, segments, n_q, n_k, *, mask_only=False):
   b, nb, bs, kvh, g, _ = f.q.shape
   n = nb * bs
   pieces = []
-  for ranges, q, parts in segments:
+  for segment in segments:
+    ranges, q, parts = _as_one_step(f, segment)
     if mask_only:
       shape = q.shape[:2] + (kvh, g, q.shape[2])
       probs = [jnp.broadcast_to(p.mask, shape + p.mask.shape[-1:]).astype(

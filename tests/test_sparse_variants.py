@@ -216,6 +216,24 @@ def test_pattern_weights_and_outputs(spec, n_q, n_k, pattern, causal):
   np.testing.assert_allclose(out, want, atol=ATOL)
 
 
+@pytest.mark.parametrize('spec,n_q,n_k,pattern', PATTERNS)
+def test_loop_over_query_block_groups_changes_nothing(spec, n_q, n_k, pattern,
+                                                      monkeypatch):
+  """Groups of 2 query blocks (a scan of several steps and a shorter last
+  group) give the same outputs and gradients as one group of all blocks."""
+  del pattern
+  q, k, v = _inputs(n_q, n_k)
+  ql, kl = _lengths(n_q, n_k)
+  # A new jitted function per setting: SEGMENT_ROWS is read when tracing.
+  fn = lambda: _with_grads(lambda q, k, v: av.attend(
+      q, k, v, spec, causal=True, q_lengths=ql, kv_lengths=kl))(q, k, v)
+  monkeypatch.setattr(sparse, 'SEGMENT_ROWS', 10**6)
+  one_group = fn()
+  monkeypatch.setattr(sparse, 'SEGMENT_ROWS',
+                      2 * spec[spec['kind']]['block_size'])
+  _assert_close(fn(), one_group)
+
+
 def test_reference_implementation_is_dense_attention_under_the_pattern():
   n_q, n_k = 30, 37
   q, k, v = _inputs(n_q, n_k)
