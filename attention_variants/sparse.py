@@ -36,8 +36,9 @@ r = i % l in every block m with |m - a| > 1, read from the transposed
 block plus the last c positions of every other block (one key set shared by
 all queries); l + Nc/l keys per query. Both grow as N/l per query, so a
 fixed l is quadratic with a small constant: the default (strided, l = 128)
-measured a time exponent of about 1.05 over N = 2K..16K on a 2-core CPU;
-fixed with l = 256, c = 2 about 1.26, and the paper's c = 8 much more.
+measured time exponents of 1.0 to 1.2 over N = 2K..16K on a 2-core CPU
+(docs/benchmarks.md); fixed with l = 256, c = 2 about 1.26 (before the
+group loop), and the paper's c = 8 much more.
 
 kind 'bigbird' (Zaheer et al. 2020, ITC), config.attention.bigbird:
   block_size   b: an integer >= 1.
