@@ -176,11 +176,11 @@ def _as_mask(x):
   return x[None, :, None, None, None, :]
 
 
-def _part(k, v, mask, pos):
-  """KeyPart of keys [b, blocks|1, t, kv_heads, d] shared by a block's rows."""
-  k = k.transpose(0, 1, 3, 2, 4)[:, :, :, None, None]  # [b, n, kvh, 1, 1, t, d]
-  v = v.transpose(0, 1, 3, 4, 2)[:, :, :, None, None]  # [b, n, kvh, 1, 1, d, t]
-  return masks.KeyPart(k=k, v=v, mask=mask, pos=pos)
+def _key_layout(k, v):
+  """Keys [b, blocks|1, t, kv_heads, d] shared by a block's rows, in KeyPart
+  layout: k [b, n, kvh, 1, 1, t, d], v [b, n, kvh, 1, 1, d, t]."""
+  return (k.transpose(0, 1, 3, 2, 4)[:, :, :, None, None],
+          v.transpose(0, 1, 3, 4, 2)[:, :, :, None, None])
 
 
 def _positions(blocks, block):
@@ -239,7 +239,8 @@ def _window(f, offsets, valid_block, *, causal, left=None, right=None):
     views = lambda x: jnp.concatenate(
         [jax.lax.dynamic_slice_in_dim(x, first + pad + o, count, axis=1)
          for o in offsets], axis=2)
-    return _part(views(kp), views(vp), mask, _as_pos(pos))
+    k, v = _key_layout(views(kp), views(vp))
+    return masks.KeyPart(k=k, v=v, mask=mask, pos=_as_pos(pos))
   return part
 
 
@@ -259,12 +260,12 @@ def _shared(f, key_ranges, *, causal):
   pos = _positions(_block_ids(key_ranges), f.block).reshape(1, -1)
   b, _, _, kvh, d = f.k.shape
   take = lambda x: _take_blocks(x, key_ranges).reshape(b, 1, -1, kvh, d)
-  k, v = take(f.k), take(f.v)
+  k, v = _key_layout(take(f.k), take(f.v))
 
   def part(first, count):
     q_pos = _for_allowed(_positions(_query_blocks(first, count), f.block))
     mask = masks.allowed(q_pos, _for_allowed(pos), f.ql, f.kl, causal=causal)
-    return _part(k, v, mask, _as_pos(pos))
+    return masks.KeyPart(k=k, v=v, mask=mask, pos=_as_pos(pos))
   return part
 
 
@@ -284,7 +285,7 @@ def _fixed_segment(f, causal, num_summary):
     return _Looped(0, nb, _one_part(own))
   b, _, _, kvh, d = f.k.shape
   summary = lambda x: x[:, :, l - c:].reshape(b, 1, nb * c, kvh, d)
-  ks, vs = summary(f.k), summary(f.v)
+  ks, vs = _key_layout(summary(f.k), summary(f.v))
   key_block = np.repeat(np.arange(nb), c)
   pos = (key_block * l + np.tile(np.arange(l - c, l), nb))[None]
 
@@ -294,7 +295,8 @@ def _fixed_segment(f, causal, num_summary):
     mask = masks.allowed(q_pos, _for_allowed(pos), f.ql, f.kl, causal=causal)
     # The own block's summary keys are already in `own`.
     mask &= _as_mask(blocks[:, None] != key_block[None, :])
-    return [own(first, count), _part(ks, vs, mask, _as_pos(pos))]
+    return [own(first, count),
+            masks.KeyPart(k=ks, v=vs, mask=mask, pos=_as_pos(pos))]
   return _Looped(0, nb, parts)
 
 
@@ -408,7 +410,8 @@ def _global_query_segment(f, ranges, causal):
   q_pos = _for_allowed(_positions(_block_ids(ranges), bs).reshape(1, -1))
   mask = masks.allowed(q_pos, _for_allowed(pos), f.ql, f.kl, causal=causal)
   keys = lambda x: x.reshape(b, 1, nb * bs, kvh, d)
-  return ranges, q, [_part(keys(f.k), keys(f.v), mask, _as_pos(pos))]
+  k, v = _key_layout(keys(f.k), keys(f.v))
+  return ranges, q, [masks.KeyPart(k=k, v=v, mask=mask, pos=_as_pos(pos))]
 
 
 def _bigbird_segments(f, params, causal):
