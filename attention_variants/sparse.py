@@ -269,8 +269,9 @@ def _shared(f, key_ranges, *, causal):
   return part
 
 
-def _one_part(part):
-  return lambda first, count: [part(first, count)]
+def _all_parts(builders):
+  """parts(first, count) of a _Looped segment from one builder per KeyPart."""
+  return lambda first, count: [part(first, count) for part in builders]
 
 
 # --- Sparse Transformer ----------------------------------------------------
@@ -282,22 +283,21 @@ def _fixed_segment(f, causal, num_summary):
   c = min(num_summary, l)
   own = _window(f, (0,), lambda ids: np.ones(ids.shape, bool), causal=causal)
   if nb == 1:
-    return _Looped(0, nb, _one_part(own))
+    return _Looped(0, nb, _all_parts([own]))
   b, _, _, kvh, d = f.k.shape
   summary = lambda x: x[:, :, l - c:].reshape(b, 1, nb * c, kvh, d)
   ks, vs = _key_layout(summary(f.k), summary(f.v))
   key_block = np.repeat(np.arange(nb), c)
   pos = (key_block * l + np.tile(np.arange(l - c, l), nb))[None]
 
-  def parts(first, count):
+  def summaries(first, count):
     blocks = _query_blocks(first, count)
     q_pos = _for_allowed(_positions(blocks, l))
     mask = masks.allowed(q_pos, _for_allowed(pos), f.ql, f.kl, causal=causal)
     # The own block's summary keys are already in `own`.
     mask &= _as_mask(blocks[:, None] != key_block[None, :])
-    return [own(first, count),
-            masks.KeyPart(k=ks, v=vs, mask=mask, pos=_as_pos(pos))]
-  return _Looped(0, nb, parts)
+    return masks.KeyPart(k=ks, v=vs, mask=mask, pos=_as_pos(pos))
+  return _Looped(0, nb, _all_parts([own, summaries]))
 
 
 def _strided_segment(f, causal):
@@ -307,7 +307,7 @@ def _strided_segment(f, causal):
   window = _window(f, offsets, lambda ids: (ids >= 0) & (ids < nb),
                    causal=causal, left=l, right=l)
   if nb <= 2:
-    return _Looped(0, nb, _one_part(window))
+    return _Looped(0, nb, _all_parts([window]))
   # Column part: query (a, r) meets keys m * l + r, i.e. row r of the
   # transposed [b, l, blocks] keys. Positions share the (r, block) layout.
   col = np.arange(nb)[None, :] * l + np.arange(l)[:, None]  # [l, blocks]
@@ -316,7 +316,7 @@ def _strided_segment(f, causal):
   kc = f.k.transpose(0, 3, 2, 1, 4)[:, None, :, None]
   vc = f.v.transpose(0, 3, 2, 4, 1)[:, None, :, None]
 
-  def parts(first, count):
+  def columns(first, count):
     blocks = _query_blocks(first, count)
     q_col = _positions(blocks, l).T  # [l, count]
     ok = masks.allowed(jnp.asarray(q_col)[None], jnp.asarray(col)[None], f.ql,
@@ -324,9 +324,8 @@ def _strided_segment(f, causal):
     far = jnp.abs(blocks[:, None] - np.arange(nb)[None, :]) > 1
     mask = ok.transpose(0, 2, 1, 3) & far[None, :, None, :]  # [b, a, r, m]
     mask = mask[:, :, None, None]  # [b, a, kvh, g, r, m]
-    column = masks.KeyPart(k=kc, v=vc, mask=mask, pos=col[None, None, None])
-    return [window(first, count), column]
-  return _Looped(0, nb, parts)
+    return masks.KeyPart(k=kc, v=vc, mask=mask, pos=col[None, None, None])
+  return _Looped(0, nb, _all_parts([window, columns]))
 
 
 def _sparse_segments(f, params, causal):
@@ -435,8 +434,7 @@ def _bigbird_segments(f, params, causal):
                                  params['num_global'], params['num_random'])
       if valid.any():
         builders.append(_random(f, lo, ids, valid, causal))
-    segments.append(_Looped(
-        lo, hi, lambda first, count: [p(first, count) for p in builders]))
+    segments.append(_Looped(lo, hi, _all_parts(builders)))
   return segments
 
 
