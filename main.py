@@ -11,8 +11,12 @@ Modes (--mode):
   benchmark time and peak memory of every attention kind against
             jax.nn.dot_product_attention: --config=configs/benchmark.py.
   compare   the variants x tasks x seeds sweep with its tables and plots:
-            --config=configs/compare.py:<preset>. Errors a user can cause end in one
-line starting with 'error:' and exit status 1.
+            --config=configs/compare.py:<preset>.
+
+Exit status: 0 done (or stopped by --max_steps_this_run); 1 an error the
+user can fix, printed as one line starting with 'error:'; 143 (128 +
+SIGTERM) preempted: a checkpoint was saved and rerunning the same command
+resumes; 130 interrupted by Ctrl-C (resumes from the last checkpoint).
 """
 import logging as std_logging
 import sys
@@ -35,6 +39,7 @@ _STEPS_THIS_RUN = flags.DEFINE_integer(
 
 # Errors a user can cause; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PREEMPTED = 1, 130, 143
 
 
 def run(mode, config, workdir):
@@ -61,6 +66,12 @@ class _QuietLibraries(std_logging.Filter):
             not any(p in record.pathname for p in ('orbax', 'xla_bridge')))
 
 
+def fail(message: str, status: int = EXIT_ERROR):
+  logging.flush()
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(status)
+
+
 def parse_flags(argv):
   """absl flag parsing whose config errors end in one line."""
   try:
@@ -69,25 +80,30 @@ def parse_flags(argv):
       _CONFIG.value.keys()
     return args
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError,
-          OSError) as e:
+          OSError, SyntaxError, NameError, ImportError) as e:
     from configs import cli
-    print(f'error: {cli.explain(e, argv)}', file=sys.stderr)
-    sys.exit(1)
+    fail(cli.explain(e, argv))
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    fail(f'unexpected argument(s) {" ".join(argv[1:])!r}: every setting is a '
+         'flag (--config=..., --workdir=..., --config.<field>=...)')
   if _CONFIG.value is None and _MODE.value != 'evaluate':
-    raise app.UsageError('--config is required, e.g. '
-                         '--config=configs/listops.py:cpu')
+    fail('--config is required, e.g. --config=configs/listops.py:cpu')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  from train import trainer
   try:
     run(_MODE.value, _CONFIG.value, _WORKDIR.value)
   except USER_ERRORS as e:
+    fail(str(e))
+  except trainer.Preempted as e:
     logging.flush()
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    print(f'preempted: {e} (exit status {EXIT_PREEMPTED})', file=sys.stderr)
+    sys.exit(EXIT_PREEMPTED)
+  except KeyboardInterrupt:
+    fail('interrupted (Ctrl-C); rerun the same command to resume from the '
+         'last checkpoint', EXIT_INTERRUPTED)
 
 
 if __name__ == '__main__':

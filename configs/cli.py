@@ -7,7 +7,9 @@ names the bad field and its valid siblings instead.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import traceback
 
 
 def load(config_arg: str):
@@ -19,6 +21,19 @@ def load(config_arg: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(preset or None)
+
+
+def describe_load_error(e: BaseException, path: str) -> str:
+  """One line for an exception raised while loading a config file: the
+  file and line for a syntax error or a crash in its code."""
+  if isinstance(e, SyntaxError):
+    return f'{e.filename or path} line {e.lineno}: {e.msg}'
+  if isinstance(e, (ValueError, FileNotFoundError)):
+    return str(e)   # our own messages (unknown preset, missing file)
+  frames = [f for f in traceback.extract_tb(e.__traceback__)
+            if os.path.abspath(f.filename) == os.path.abspath(path)]
+  where = f' ({path} line {frames[-1].lineno})' if frames else ''
+  return f'{type(e).__name__}: {e}{where}'
 
 
 def _unknown_override(config, argv) -> str | None:
@@ -46,8 +61,9 @@ def explain(error: Exception, argv) -> str:
   if config_arg:
     try:
       config = load(config_arg)
-    except (ValueError, FileNotFoundError, OSError) as e:
-      return f'--config={config_arg}: {e}'
+    except Exception as e:  # noqa: BLE001  whatever the user's file raises
+      return (f'--config={config_arg}: '
+              f'{describe_load_error(e, config_arg.partition(":")[0])}')
     bad = _unknown_override(config, argv)
     if bad:
       return bad

@@ -30,6 +30,8 @@ def base() -> ml_collections.ConfigDict:
       pos_emb='learned',        # 'learned' | 'sinusoidal'
       pooling='cls',            # classification pooling: 'cls' | 'mean'
       dtype='float32',          # activation dtype: 'float32' | 'bfloat16'
+      remat=False,              # recompute each block in the backward pass
+                                # (jax.checkpoint): less memory, more FLOPs
   ))
 
   # What is computed (kind + that kind's block) and how (implementation).
@@ -56,6 +58,8 @@ def base() -> ml_collections.ConfigDict:
       log_every=50,             # progress line + metrics.jsonl every N steps
       checkpoint_every=200,     # latest checkpoint every N steps (and at the end)
       eval_batch_size=0,        # 0 -> batch_size
+      grad_accum_steps=1,       # micro-batches per step (same mean gradient,
+                                # 1/k of the activation memory)
   ))
   return c
 

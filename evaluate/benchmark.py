@@ -23,6 +23,7 @@ import attention_variants as av
 from attention_variants import full
 from evaluate import profile
 from evaluate.compare import names
+from train import trainer
 from train import writer as writer_lib
 
 PEER = 'dot_product_attention'
@@ -79,18 +80,6 @@ def _median_seconds(compiled, args, warmup, repeats, min_time_s=0.0):
   return float(np.median(times))
 
 
-def _available_bytes() -> int:
-  """Memory the next cell may use: MemAvailable on Linux, else total RAM."""
-  try:
-    with open('/proc/meminfo') as f:
-      for line in f:
-        if line.startswith('MemAvailable:'):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-
-
 def measure(config, name, fn, pass_name, n, implementation):
   """One row of benchmark.json."""
   dtype = jnp.dtype(config.dtype)
@@ -107,7 +96,8 @@ def measure(config, name, fn, pass_name, n, implementation):
   mem = profile.compiled_memory(compiled)
   row.update(flops=profile.compiled_flops(compiled),
              peak_bytes=mem['peak_bytes'])
-  if mem['peak_bytes'] > config.memory_fraction * _available_bytes():
+  if mem['peak_bytes'] > config.memory_fraction * (
+      profile.available_bytes() or profile.host_available_bytes()):
     return {**row, 'status': 'does not fit in memory'}
   try:
     row['time_s'] = _median_seconds(compiled, args, config.warmup,
@@ -167,9 +157,7 @@ def markdown(rows, fns) -> str:
 
 def run(config, workdir: str) -> dict:
   """Measures every cell, writes benchmark.json and benchmark.md."""
-  if not workdir:
-    raise ValueError('--workdir is required')
-  os.makedirs(workdir, exist_ok=True)
+  trainer.prepare_workdir(workdir)
   spec = config.attention.to_dict()
   fns = _functions(config, spec)
   lengths = [int(n) for n in names(config.lengths)]
@@ -200,7 +188,7 @@ def run(config, workdir: str) -> dict:
                           for n in fns for p in passes}}
   writer_lib.write_json_atomic(os.path.join(workdir, 'benchmark.json'), result)
   table = markdown(rows, fns)
-  with open(os.path.join(workdir, 'benchmark.md'), 'w') as f:
-    f.write(table + '\n')
+  writer_lib.write_text_atomic(os.path.join(workdir, 'benchmark.md'),
+                               table + '\n')
   print(table)
   return result

@@ -246,8 +246,9 @@ class Failures:
     writer_lib.write_json_atomic(self.path, self.entries)
 
 
-def train_all(runs: list[Run], failures: Failures) -> bool:
-  """Trains what is unfinished; False when a SIGTERM stopped a run early."""
+def train_all(runs: list[Run], failures: Failures) -> None:
+  """Trains what is unfinished. A SIGTERM stops the sweep once the current
+  run has checkpointed (trainer.Preempted propagates)."""
   todo = [r for r in runs
           if not os.path.exists(os.path.join(r.workdir, 'results.json'))]
   logging.info('%d runs: %d finished (skipped), %d to run', len(runs),
@@ -257,19 +258,17 @@ def train_all(runs: list[Run], failures: Failures) -> bool:
     progress.start(i, r.name)
     t0 = time.time()
     try:
-      results = trainer.train_and_evaluate(r.config, r.workdir)
+      trainer.train_and_evaluate(r.config, r.workdir)
+    except trainer.Preempted:
+      logging.warning('run %s stopped early (SIGTERM); rerun the same '
+                      'command to resume the sweep', r.name)
+      raise
     except Exception as e:  # noqa: BLE001  (recorded; the sweep goes on)
       logging.error('run %s failed: %s: %s', r.name, type(e).__name__, e)
       failures.record(f'runs/{r.name}', e)
-      results = {}
     else:
-      if results is None:
-        logging.warning('run %s stopped early (SIGTERM); rerun the same '
-                        'command to resume the sweep', r.name)
-        return False
       failures.clear(f'runs/{r.name}')
     progress.done(time.time() - t0)
-  return True
 
 
 # -- efficiency ----------------------------------------------------------------
@@ -410,9 +409,7 @@ def run(config, workdir: str) -> dict:
   lengths_of(config)
   if not config.only_tables:
     prepare_data(runs)
-    finished = train_all(runs, Failures(workdir))
-    if not finished:
-      return {}
+    train_all(runs, Failures(workdir))
     measure_all(config, workdir, kinds)
   order_tasks = [t for t, _ in tasks_of(config)]
   summaries = tables.write_all(workdir, kinds=kinds, tasks=order_tasks)

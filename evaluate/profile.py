@@ -7,6 +7,8 @@ in use on GPU/TPU.
 """
 from __future__ import annotations
 
+import os
+
 import jax
 
 
@@ -46,3 +48,28 @@ def device_peak_bytes(device=None) -> int | None:
 def device_kind() -> str:
   d = jax.devices()[0]
   return f'{d.platform}:{d.device_kind}'
+
+
+def host_available_bytes() -> int:
+  """MemAvailable on Linux (what can be allocated without swapping), else
+  total RAM."""
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def available_bytes(device=None) -> int | None:
+  """Bytes the next program may allocate on `device`: the allocator's limit
+  minus what is in use on GPU/TPU, the host's available memory on CPU."""
+  device = device or jax.devices()[0]
+  if device.platform == 'cpu':
+    return host_available_bytes()
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if not stats or 'bytes_limit' not in stats:
+    return None
+  return int(stats['bytes_limit']) - int(stats.get('bytes_in_use', 0))

@@ -137,7 +137,14 @@ class Transformer(nnx.Module):
       raise ValueError(f'model.dropout={cfg.dropout} must be in [0, 1)')
     av.validate(spec)
     dtype = DTYPES[cfg.dtype]
+    remat = cfg.get('remat', False)  # absent from configs of older runs
+    if not isinstance(remat, bool):
+      raise ValueError(f'model.remat={remat!r} must be True or False')
+    if cfg.num_kv_heads < 0:
+      raise ValueError(f'model.num_kv_heads={cfg.num_kv_heads} must be >= 0 '
+                       '(0: as many as model.num_heads)')
     self.head, self.causal, self.pooling = head, causal, cfg.pooling
+    self.remat = remat
     self.rate = cfg.dropout
     self.embed = nnx.Embed(vocab_size, cfg.dim, dtype=dtype, rngs=rngs)
     if cfg.pos_emb == 'learned':
@@ -155,10 +162,16 @@ class Transformer(nnx.Module):
     x = self.embed(inputs) + self.pos[...][:n].astype(self.embed.dtype)
     rngs = _split(dropout_rng, len(self.blocks) + 1)
     x = dropout(x, self.rate, rngs[-1])
+    causal = self.causal
+
+    def run(block, x, lengths, attention_rng, dropout_rng):
+      return block(x, lengths, causal=causal, attention_rng=attention_rng,
+                   dropout_rng=dropout_rng)
+    if self.remat:  # recompute the block's activations in the backward pass
+      run = nnx.remat(run)
     for i, block in enumerate(self.blocks):
-      x = block(x, lengths, causal=self.causal,
-                attention_rng=jax.random.fold_in(attention_rng, i),
-                dropout_rng=rngs[i])
+      x = run(block, x, lengths, jax.random.fold_in(attention_rng, i),
+              rngs[i])
     return self.ln(x)
 
   def __call__(self, inputs, lengths, *, attention_rng, dropout_rng=None):

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
+import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -227,13 +230,28 @@ class Sources:
   def __call__(self, split: str) -> Examples:
     # A no-op when this config's files are already in the data dir.
     self.builder.download_and_prepare(file_format=FILE_FORMAT)
+    remove_stale_incomplete(self.builder)
     return Examples(self.builder.as_data_source(split), self.preprocess)
+
+
+def remove_stale_incomplete(builder: tfds.core.DatasetBuilder) -> None:
+  """Deletes the `incomplete.*` folders that generation runs killed before
+  their rename left beside this config's finished data. Once the data is
+  there, such a folder can never become it (the rename would fail), so it is
+  only disk space."""
+  parent, version = os.path.split(os.fspath(builder.data_dir).rstrip('/'))
+  for stale in glob.glob(os.path.join(parent, f'incomplete.*_{version}')):
+    if os.path.isdir(stale):
+      logging.info('removing %s, left by an interrupted generation', stale)
+      shutil.rmtree(stale, ignore_errors=True)
 
 
 def sources(builder_cls: type[OfflineBuilder], name: str,
             params: Mapping[str, Any], data_dir: str,
             preprocess: Callable[[dict], dict]) -> Sources:
-  builder = builder_cls(data_dir=data_dir or None,
+  # Absolute: TFDS and array_record resolve paths on their own threads.
+  builder = builder_cls(data_dir=os.path.abspath(data_dir) if data_dir
+                        else None,
                         config=GeneratorConfig(name=name, params=dict(params)),
                         file_format=FILE_FORMAT)
   return Sources(builder, preprocess)

@@ -9,13 +9,15 @@ from configs import benchmark as benchmark_config
 from evaluate import benchmark
 
 
-def test_smoke_benchmark_writes_rows_and_ratios(tmp_path):
+def test_smoke_benchmark_writes_rows_and_ratios(tmp_path, monkeypatch):
   config = benchmark_config.get_config('smoke')
   config.kinds = 'full,local'
   config.attention.local.window = 16
   config.lengths = '32,64'
   config.repeats = 1
-  result = benchmark.run(config, str(tmp_path))
+  monkeypatch.chdir(tmp_path)
+  result = benchmark.run(config, 'bench')  # a relative workdir
+  tmp_path = tmp_path / 'bench'
   with open(tmp_path / 'benchmark.json') as f:
     assert json.load(f)['rows'] == result['rows']
   names = {r['kind'] for r in result['rows']}

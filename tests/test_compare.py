@@ -194,7 +194,8 @@ def test_smoke_sweep_end_to_end_then_resume_skips(data_dir, tmp_path,
   config = _smoke(data_dir)
   kinds = compare.kinds_of(config)
   assert len(kinds) == 2 and kinds[0] == 'full'
-  workdir = str(tmp_path / 'sweep')
+  monkeypatch.chdir(tmp_path)
+  workdir = 'sweep'  # relative, as users give it
   first = compare.run(config, workdir)
   done = [_run_path(workdir, 'listops', k, 0) for k in kinds]
   cells = [compare.efficiency_path(workdir, k, 32) for k in kinds]
@@ -226,7 +227,7 @@ def test_smoke_sweep_end_to_end_then_resume_skips(data_dir, tmp_path,
 
 def _fake_training(fail=(), stop=()):
   """train_and_evaluate stand-in: results.json with accuracy 0.5, a
-  RuntimeError for runs named in `fail`, None (SIGTERM) for `stop`."""
+  RuntimeError for runs named in `fail`, Preempted (SIGTERM) for `stop`."""
   calls = []
 
   def train(config, workdir):
@@ -235,7 +236,7 @@ def _fake_training(fail=(), stop=()):
     if name in fail:
       raise RuntimeError('boom')
     if name in stop:
-      return None
+      raise compare.trainer.Preempted(workdir, 3)
     results = _results(config.task.name, config.attention.kind, config.seed,
                        0.5)
     _write(os.path.join(workdir, 'results.json'), results)
@@ -270,8 +271,10 @@ def test_sigterm_stops_the_sweep(data_dir, tmp_path, monkeypatch):
   config = _smoke(data_dir, seeds='0,1')
   train, calls = _fake_training(stop={'full/seed0'})
   monkeypatch.setattr(compare.trainer, 'train_and_evaluate', train)
-  assert compare.run(config, str(tmp_path / 'sweep')) == {}
+  with pytest.raises(compare.trainer.Preempted):
+    compare.run(config, str(tmp_path / 'sweep'))
   assert calls == ['full/seed0']
+  assert not os.path.exists(os.path.join(tmp_path, 'sweep', compare.FAILURES))
 
 
 def test_failed_efficiency_cell_is_recorded_and_retried(data_dir, tmp_path,

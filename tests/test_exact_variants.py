@@ -96,6 +96,9 @@ CASES = {
     'local_right_only': (_local_spec({'window': 3, 'left': 0, 'block': 4}),
                          21, 21, 2, (0, 3)),
     'local_cross': (_local_spec({'window': 4, 'block': 5}), 13, 22, 1, (4, 4)),
+    # A block longer than the sequence is clamped to it: still the window.
+    'local_block_over_length': (_local_spec({'window': 3, 'block': 64}),
+                                21, 21, 2, (3, 3)),
 }
 
 

@@ -143,6 +143,9 @@ COVERING_LIMITS = [
     _spec('sparse', pattern='strided', block_size=19),
     _spec('bigbird', block_size=8, num_random=0),  # 3 blocks of 8 for 20
     _spec('bigbird', block_size=4, num_global=5, num_random=0),  # all global
+    # Blocks longer than the sequence: one block, clamped to it.
+    _spec('sparse', pattern='strided', block_size=64),
+    _spec('bigbird', block_size=64),
 ]
 
 

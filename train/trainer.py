@@ -37,48 +37,85 @@ from train import writer as writer_lib
 
 
 def default_data_dir(config) -> str:
+  """Where TFDS data lives, as the user gave it (relative to the cwd)."""
   return (config.data_dir or os.environ.get('TFDS_DATA_DIR')
-          or os.path.join(os.getcwd(), 'tfds_data'))
+          or 'tfds_data')
+
+
+def check_range(name: str, value, low=None, high=None, *,
+                low_open: bool = False, high_open: bool = False) -> None:
+  """ValueError naming the field, its value and the valid range."""
+  ok = ((low is None or (value > low if low_open else value >= low)) and
+        (high is None or (value < high if high_open else value <= high)))
+  if ok:
+    return
+  if high is None:
+    valid = f'{">" if low_open else ">="} {low}'
+  elif low is None:
+    valid = f'{"<" if high_open else "<="} {high}'
+  else:
+    valid = (f'in {"(" if low_open else "["}{low}, {high}'
+             f'{")" if high_open else "]"}')
+  raise ValueError(f'{name}={value} must be {valid}')
+
+
+def grad_accum_steps(config) -> int:
+  # Absent from the config.json of runs older than the field.
+  return config.train.get('grad_accum_steps', 1)
 
 
 def check_config(config) -> None:
   """ValueError naming the field for values no run can use."""
+  check_range('seed', config.seed, 0)
   t = config.train
-  positive = ('batch_size', 'num_steps', 'eval_every', 'log_every',
-              'checkpoint_every')
-  for name in positive:
-    if t[name] < 1:
-      raise ValueError(f'train.{name}={t[name]} must be >= 1')
-  if not 0 <= t.warmup_steps <= t.num_steps:
-    raise ValueError(f'train.warmup_steps={t.warmup_steps} must be in '
-                     f'[0, train.num_steps={t.num_steps}]')
-  if t.learning_rate <= 0:
-    raise ValueError(f'train.learning_rate={t.learning_rate} must be > 0')
-  if t.eval_batch_size < 0:
-    raise ValueError(f'train.eval_batch_size={t.eval_batch_size} must be >= 0')
+  for name in ('batch_size', 'num_steps', 'eval_every', 'log_every',
+               'checkpoint_every'):
+    check_range(f'train.{name}', t[name], 1)
+  accum = grad_accum_steps(config)
+  check_range('train.grad_accum_steps', accum, 1)
+  check_range('train.warmup_steps', t.warmup_steps, 0)
+  check_range('train.learning_rate', t.learning_rate, 0, low_open=True)
+  check_range('train.weight_decay', t.weight_decay, 0)
+  check_range('train.b1', t.b1, 0, 1, high_open=True)
+  check_range('train.b2', t.b2, 0, 1, high_open=True)
+  check_range('train.eps', t.eps, 0)
+  check_range('train.grad_clip', t.grad_clip, 0)
+  check_range('train.eval_batch_size', t.eval_batch_size, 0)
+  if t.batch_size % accum:
+    raise ValueError(f'train.batch_size={t.batch_size} is not divisible into '
+                     f'train.grad_accum_steps={accum} micro-batches; use a '
+                     'divisor of the batch size')
   av.validate(config.attention)
   n_dev = jax.device_count()
-  for name in ('batch_size', 'eval_batch_size'):
-    if t[name] % n_dev:
-      raise ValueError(f'train.{name}={t[name]} is not divisible across the '
+  for name, size in (('batch_size', t.batch_size // accum),
+                     ('eval_batch_size', t.eval_batch_size)):
+    if size % n_dev:
+      what = ('train.batch_size / train.grad_accum_steps' if
+              name == 'batch_size' and accum > 1 else f'train.{name}')
+      raise ValueError(f'{what}={size} is not divisible across the '
                        f'{n_dev} devices; use a multiple of {n_dev}')
 
 
-def prepare_workdir(workdir: str) -> None:
-  """Creates workdir; ValueError when it is a file or not writable."""
-  if not workdir:
-    raise ValueError('--workdir is required')
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f'--workdir={workdir} is a file; give a directory')
+def prepare_dir(path: str, what: str) -> None:
+  """Creates a directory; ValueError naming `what` when it cannot be used."""
+  if not path:
+    raise ValueError(f'{what} is required')
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f'{what}={path} is a file; give a directory')
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f'.write_test.{os.getpid()}')
     with open(probe, 'w') as f:
       f.write('ok')
     os.remove(probe)
   except OSError as e:
-    raise ValueError(f'--workdir={workdir} is not writable ({e.strerror}); '
+    raise ValueError(f'{what}={path} is not writable ({e.strerror}); '
                      'choose a directory you can write to') from e
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates workdir; ValueError when it is a file or not writable."""
+  prepare_dir(workdir, '--workdir')
 
 
 def make_optimizer(t):
@@ -100,22 +137,62 @@ def losses(logits, batch, head):
   return (ce * w).sum(-1), w.sum(-1)
 
 
-def make_train_step(graphdef, head):
+def make_train_step(graphdef, head, accum_steps: int = 1):
+  """step(state, batch, key) -> (state, {'loss', 'grad_norm'}).
+
+  With accum_steps > 1 the batch is split into that many micro-batches run
+  one after another (a scan): the gradient is the same weighted mean over
+  the whole batch, the memory that of one micro-batch; micro-batch i draws
+  dropout from fold_in(dropout key, i).
+  """
   def step(state, batch, step_key):
     model, opt = nnx.merge(graphdef, state)
     attention_key, dropout_key = jax.random.split(step_key)
-
-    def loss_fn(model):
-      logits = model(batch['inputs'], batch['length'],
-                     attention_rng=attention_key, dropout_rng=dropout_key)
-      loss, weight = losses(logits, batch, head)
-      return loss.sum() / jnp.maximum(weight.sum(), 1.0)
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    if accum_steps == 1:
+      def loss_fn(model):
+        logits = model(batch['inputs'], batch['length'],
+                       attention_rng=attention_key, dropout_rng=dropout_key)
+        loss, weight = losses(logits, batch, head)
+        return loss.sum() / jnp.maximum(weight.sum(), 1.0)
+      loss, grads = nnx.value_and_grad(loss_fn)(model)
+    else:
+      loss, grads = _accumulated_grads(model, batch, head, accum_steps,
+                                       attention_key, dropout_key)
     grad_norm = optax.tree.norm(grads)
     opt.update(model, grads)
     return nnx.state((model, opt)), {'loss': loss, 'grad_norm': grad_norm}
   return step
+
+
+def _accumulated_grads(model, batch, head, accum_steps, attention_key,
+                       dropout_key):
+  """(mean loss, its gradient) over the batch, one micro-batch at a time."""
+  model_def, params, rest = nnx.split(model, nnx.Param, ...)
+  micro = jax.tree.map(
+      lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps,
+                          *x.shape[1:]), batch)
+
+  def sums(params, mb, key):
+    m = nnx.merge(model_def, params, rest)
+    logits = m(mb['inputs'], mb['length'], attention_rng=attention_key,
+               dropout_rng=key)
+    loss, weight = losses(logits, mb, head)
+    return loss.sum(), weight.sum()
+
+  def body(carry, xs):
+    grads, loss_sum, weight_sum = carry
+    mb, i = xs
+    (l, w), g = jax.value_and_grad(sums, has_aux=True)(
+        params, mb, jax.random.fold_in(dropout_key, i))
+    return (jax.tree.map(jnp.add, grads, g), loss_sum + l,
+            weight_sum + w), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (grads, loss_sum, weight_sum), _ = jax.lax.scan(
+      body, (zeros, jnp.float32(0), jnp.float32(0)),
+      (micro, jnp.arange(accum_steps)))
+  norm = jnp.maximum(weight_sum, 1.0)
+  return loss_sum / norm, jax.tree.map(lambda g: g / norm, grads)
 
 
 def make_eval_step(graphdef, head):
@@ -129,16 +206,48 @@ def make_eval_step(graphdef, head):
   return step
 
 
+class Preempted(Exception):
+  """A SIGTERM stopped the run after it saved a checkpoint (not an error:
+  rerunning the same command resumes)."""
+
+  def __init__(self, workdir: str, step: int):
+    super().__init__(f'--workdir={workdir}: stopped by SIGTERM at step {step} '
+                     'after saving a checkpoint; rerun the same command to '
+                     'resume')
+    self.step = step
+
+
+def out_of_memory(e: BaseException) -> bool:
+  text = str(e)
+  return 'RESOURCE_EXHAUSTED' in text or 'out of memory' in text.lower()
+
+
+MEMORY_KNOBS = ('lower train.batch_size, split it with '
+                'train.grad_accum_steps, set model.remat=True, shorten the '
+                'sequences or shrink the model, or spread the batch over '
+                'more devices')
+
+
+def _gb(n: float) -> str:
+  return f'{n / 1e9:.2f} GB'
+
+
 class Trainer:
   """Holds what one run needs; `run()` trains, evaluates and reports."""
 
   def __init__(self, config, workdir: str):
     check_config(config)
     prepare_workdir(workdir)
+    data_dir = default_data_dir(config)
+    prepare_dir(data_dir, 'data_dir')
     self.config, self.workdir = config, workdir
     self.cfg_dict = config.to_dict()
-    ckpt_lib.check_resumable(workdir, self.cfg_dict)
-    self.task = tasks.get(config.task, default_data_dir(config))
+    # Before any slow work: refuse another experiment's workdir at once. A
+    # workdir without a checkpoint is not pinned by the config.json written
+    # here, so a run that fails before its first checkpoint (compile error,
+    # NaN, out of memory) leaves the next command free to change anything.
+    ckpt_lib.claim_workdir(workdir, self.cfg_dict)
+    self.task = tasks.get(config.task, data_dir)
     self.spec = config.attention.to_dict()
     model = transformer.build(config.model, self.spec, self.task,
                               seed=config.seed)
@@ -159,10 +268,10 @@ class Trainer:
     self.base_key = jax.random.key(config.seed)
     # Evaluation uses one fixed attention key (LSH rotations fixed by seed).
     self.eval_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
-    # Written once everything above accepted the config, so a run that never
-    # started does not pin the workdir to a config that cannot run.
-    writer_lib.write_json_atomic(os.path.join(workdir, 'config.json'),
-                                 self.cfg_dict)
+    if config.train.warmup_steps > config.train.num_steps:
+      logging.warning('train.warmup_steps=%d exceeds train.num_steps=%d: the '
+                      'learning rate never reaches train.learning_rate',
+                      config.train.warmup_steps, config.train.num_steps)
     self.ckpts = ckpt_lib.Checkpoints(workdir)
     self._stop_requested = False
 
@@ -172,10 +281,13 @@ class Trainer:
     return jax.device_put(batch, self.data_sharding)
 
   def compile(self):
+    """Compiles the train and eval steps (ahead of time) and checks that
+    they fit in the memory available, before any step runs."""
     example = self._batch(self.train_ds[0])
     key = jax.random.fold_in(self.base_key, 0)
     t0 = time.time()
-    lowered = jax.jit(make_train_step(self.graphdef, self.task.head),
+    lowered = jax.jit(make_train_step(self.graphdef, self.task.head,
+                                      grad_accum_steps(self.config)),
                       donate_argnums=0).lower(self.state, example, key)
     self.train_step = lowered.compile()
     logging.info('compiled train step in %.1fs', time.time() - t0)
@@ -184,6 +296,10 @@ class Trainer:
     self.eval_step = jax.jit(make_eval_step(
         self.graphdef, self.task.head)).lower(
             self.state, self._batch(eval_example), self.eval_key).compile()
+    train_memory = profile.compiled_memory(self.train_step)
+    self._check_fits(train_memory['peak_bytes'], 'train step')
+    self._check_fits(profile.compiled_memory(self.eval_step)['peak_bytes'],
+                     'eval step')
     self.compute = {
         'params': self.num_params,
         'seq_len': self.task.seq_len,
@@ -191,9 +307,18 @@ class Trainer:
         'device': profile.device_kind(),
         'device_count': jax.device_count(),
         'train_step_flops': profile.compiled_flops(self.train_step),
-        **{f'train_step_{k}': v for k, v in
-           profile.compiled_memory(self.train_step).items()},
+        **{f'train_step_{k}': v for k, v in train_memory.items()},
     }
+
+  def _check_fits(self, need: int, what: str) -> None:
+    """ValueError when a compiled step needs more than is available now (its
+    inputs, already resident, excluded from both figures)."""
+    available = profile.available_bytes()
+    if available is not None and need > available:
+      raise ValueError(
+          f'the compiled {what} needs {_gb(need)} beyond its inputs (XLA '
+          f'memory analysis) but {_gb(available)} is available on '
+          f'{profile.device_kind()}; {MEMORY_KNOBS}')
 
   # -- evaluation ------------------------------------------------------------
 
@@ -202,6 +327,7 @@ class Trainer:
     preds, losses_, weights, labels, targets = [], [], [], [], []
     t0, n = time.time(), 0
     source = self.task.source(split)
+    logging.info('evaluating on %s (%d examples)', split, len(source))
     for batch, real in data_lib.eval_batches(source, self.eval_batch_size):
       out = jax.device_get(self.eval_step(state, self._batch(batch),
                                           self.eval_key))
@@ -247,11 +373,15 @@ class Trainer:
     """Raises FloatingPointError naming the first step with NaN/inf."""
     for s, m in pending:
       if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
+        kept = self.ckpts.latest.steps()
+        where = (f'checkpoints up to step {kept[0]} are kept; this workdir '
+                 'now belongs to this config, so retry in a new --workdir'
+                 if kept else 'no checkpoint was written, so this --workdir '
+                 'can be reused')
         raise FloatingPointError(
             f'loss or gradients became NaN/inf at step {s} (loss={m["loss"]}, '
-            f'grad_norm={m["grad_norm"]}); the last good checkpoint (before '
-            f'step {step}) is kept; lower train.learning_rate or enable '
-            'train.grad_clip')
+            f'grad_norm={m["grad_norm"]}); {where} with a lower '
+            'train.learning_rate or train.grad_clip > 0')
 
   def _validate(self, step, meta):
     val, examples_per_sec = self.evaluate(self.state, 'validation')
@@ -265,17 +395,50 @@ class Trainer:
                   validation=_scalars(val))
       self.ckpts.save_best(step, self.state, dict(meta, step=step))
 
+  def finished_results(self, step: int) -> dict | None:
+    """results.json's content when the run finished already, else None."""
+    path = os.path.join(self.workdir, 'results.json')
+    if step < self.config.train.num_steps or not os.path.exists(path):
+      return None
+    return writer_lib.read_json_object(path, "this run's results")
+
   def run(self, max_steps_this_run: int | None = None) -> dict | None:
-    """Trains to num_steps (or stops early); returns results when finished."""
+    """Trains to num_steps (or stops early); returns results when finished.
+
+    Raises Preempted after a SIGTERM (checkpoint saved) and ValueError with
+    one line for a run that cannot go on (out of memory, corrupt state).
+    """
+    try:
+      return self._run(max_steps_this_run)
+    except jax.errors.JaxRuntimeError as e:
+      if not out_of_memory(e):
+        raise
+      kept = self.ckpts.latest.steps()
+      raise ValueError(
+          f'out of memory while running ({_first_line(e)}); '
+          f'{MEMORY_KNOBS}. Checkpoints kept: '
+          f'{", ".join(map(str, kept)) or "none"}') from None
+    finally:
+      self.ckpts.close()
+
+  def _run(self, max_steps_this_run):
     t_start = time.time()
     cfg = self.config.train
-    try:
-      step, meta = self._restore()
-    except ValueError:
-      self.ckpts.close()
-      raise
+    step, meta = self._restore()
+    done = self.finished_results(step)
+    if done is not None:
+      logging.info('%s finished at step %d already: nothing to train; '
+                   'results.json kept (--mode=evaluate re-evaluates)',
+                   self.workdir, step)
+      return done
+    # Figures of earlier segments of this run (kept in the checkpoint).
+    totals = dict(meta.get('totals', {}))
+    totals.setdefault('train_seconds', 0.0)
+    totals.setdefault('train_steps', 0)
+    totals.setdefault('wall_seconds', 0.0)
+    window = dict(meta.get('log_window', {'loss_sum': 0.0, 'steps': 0}))
     self.compile()
-    self.writer = writer_lib.MetricWriter(self.workdir)
+    self.writer = writer_lib.MetricWriter(self.workdir, resume_step=step)
     previous = signal.signal(signal.SIGTERM, self._on_sigterm)
     try:
       stop_at = cfg.num_steps if max_steps_this_run is None else min(
@@ -299,48 +462,65 @@ class Trainer:
         dt = time.time() - t_log
         train_time += dt
         train_steps += steps_since_log
-        if step % cfg.log_every == 0 or step == stop_at:
-          self._log_progress(step, pending, steps_since_log / max(dt, 1e-9))
+        for _, m in pending:  # one at a time: the same sums however the
+          window['loss_sum'] += float(m['loss'])  # run was segmented
+          window['steps'] += 1
+        if step % cfg.log_every == 0 or step == cfg.num_steps:
+          self._log_progress(step, window, pending[-1][1],
+                             steps_since_log / max(dt, 1e-9))
+          window = {'loss_sum': 0.0, 'steps': 0}
         if step % cfg.eval_every == 0 or step == cfg.num_steps:
           self._validate(step, meta)
         if (step % cfg.checkpoint_every == 0 or step == stop_at
             or self._stop_requested):
-          self.ckpts.save_latest(step, self.state, dict(meta, step=step))
+          segment = {
+              'train_seconds': totals['train_seconds'] + train_time,
+              'train_steps': totals['train_steps'] + train_steps,
+              'wall_seconds': totals['wall_seconds'] + time.time() - t_start}
+          self.ckpts.save_latest(step, self.state, dict(
+              meta, step=step, totals=segment, log_window=window))
         pending, t_log, steps_since_log = [], time.time(), 0
       self.ckpts.wait()
       if step < cfg.num_steps:
+        if self._stop_requested:
+          raise Preempted(self.workdir, step)
         logging.info('stopped at step %d of %d; rerun the same command to '
                      'resume', step, cfg.num_steps)
         return None
-      return self._finish(step, train_steps / max(train_time, 1e-9),
-                          time.time() - t_start)
+      totals['train_seconds'] += train_time
+      totals['train_steps'] += train_steps
+      return self._finish(step, meta, totals, t_start)
     finally:
       signal.signal(signal.SIGTERM, previous)
-      self.ckpts.close()
       self.writer.close()
 
-  def _log_progress(self, step, pending, steps_per_sec):
-    loss = float(np.mean([m['loss'] for _, m in pending]))
+  def _log_progress(self, step, window, last, steps_per_sec):
+    # The mean over the steps since the previous log step: kept in the
+    # checkpoint, so a resumed run logs what an uninterrupted one does.
+    loss = window['loss_sum'] / max(window['steps'], 1)
     total = self.config.train.num_steps
     eta = (total - step) / max(steps_per_sec, 1e-9)
     lr = float(self.schedule(step))
     logging.info('step %d/%d | loss %.4f | %.2f steps/s | lr %.2e | ETA %s',
                  step, total, loss, steps_per_sec, lr, format_duration(eta))
     self.writer.write(step, {'train/loss': loss,
-                             'train/grad_norm': float(pending[-1][1]['grad_norm']),
+                             'train/grad_norm': float(last['grad_norm']),
                              'train/learning_rate': lr,
                              'train/steps_per_sec': steps_per_sec})
 
-  def _finish(self, step, steps_per_sec, wall_time):
-    best = self.ckpts.restore_best(self.state)
-    if best is None:
-      raise ValueError(f'--workdir={self.workdir} has no best checkpoint yet; '
-                       'train it first')
-    state, best_meta = best
+  def _finish(self, step, meta, totals, t_start):
+    """Tests the best checkpoint and writes results.json.
+
+    totals: the run's training seconds and steps and the wall seconds of
+    its earlier segments; this segment's time is added."""
+    state, best_meta = self.ckpts.restore_best(self.state, meta['best_step'])
     test, examples_per_sec = self.evaluate(
         jax.device_put(state, self.replicated), 'test')
     compute = dict(self.compute)
-    compute['train_steps_per_sec'] = steps_per_sec
+    compute['train_steps_per_sec'] = (
+        totals['train_steps'] / totals['train_seconds']
+        if totals['train_seconds'] > 0 else None)
+    compute['train_seconds'] = totals['train_seconds']
     compute['eval_examples_per_sec'] = examples_per_sec
     peak = profile.device_peak_bytes()
     if peak is not None:
@@ -355,15 +535,18 @@ class Trainer:
         'metrics': {'validation': best_meta['validation'],
                     'test': _scalars(test, keep_lists=True)},
         'compute': compute,
-        'wall_time_s': wall_time,
+        'wall_time_s': totals['wall_seconds'] + time.time() - t_start,
     }
-    writer_lib.write_json_atomic(os.path.join(self.workdir, 'results.json'),
-                                 results)
+    path = os.path.join(self.workdir, 'results.json')
+    writer_lib.write_json_atomic(path, results)
     logging.info('done: best step %d, test accuracy %.4f; results in %s',
-                 results['best_step'], test['accuracy'],
-                 os.path.join(self.workdir, 'results.json'))
+                 results['best_step'], test['accuracy'], path)
     return results
 
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def _scalars(m: dict, keep_lists: bool = False) -> dict:
@@ -390,34 +573,44 @@ def train_and_evaluate(config, workdir: str, *,
   """Trains and evaluates one run; returns results.json's content when done.
 
   max_steps_this_run stops after that many steps (checkpointed), as a
-  preemption would; rerunning resumes.
+  preemption would; rerunning resumes. A rerun of a finished run returns
+  its results without training or rewriting anything.
   """
+  if max_steps_this_run is not None and max_steps_this_run < 1:
+    raise ValueError(f'--max_steps_this_run={max_steps_this_run} must be '
+                     '>= 1 (omit it to train to train.num_steps)')
   return Trainer(config, workdir).run(max_steps_this_run)
 
 
 def evaluate_run(workdir: str) -> dict:
   """Re-evaluates a finished run's best checkpoint on test; rewrites results.json.
 
-  The config comes from the run's config.json; training figures (steps/s,
-  wall time, steps) are carried over from the previous results.json.
+  The config comes from the run's config.json; training figures (steps,
+  steps/s, wall time) from the run's latest checkpoint.
   """
-  config_path = os.path.join(workdir or '', 'config.json')
+  if not workdir:
+    raise ValueError('--workdir is required: the directory of a training run')
+  config_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(config_path):
     raise ValueError(f'--workdir={workdir} has no config.json: give the '
                      'directory of a training run')
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(writer_lib.read_json_object(
+      config_path, 'the config of the run in this workdir'))
   results_path = os.path.join(workdir, 'results.json')
-  previous = {}
   if os.path.exists(results_path):
-    with open(results_path) as f:
-      previous = json.load(f)
+    writer_lib.read_json_object(results_path, "this run's results")
   trainer = Trainer(config, workdir)
   try:
+    step, meta = trainer._restore()
+    if step < config.train.num_steps:
+      raise ValueError(f'--workdir={workdir} is at step {step} of '
+                       f'{config.train.num_steps}; finish training it first '
+                       '(rerun its training command)')
     trainer.compile()
-    old = previous.get('compute', {})
-    return trainer._finish(previous.get('steps', config.train.num_steps),
-                           old.get('train_steps_per_sec', 0.0),
-                           previous.get('wall_time_s', 0.0))
+    totals = dict(meta.get('totals', {}))
+    totals['wall_seconds'] = totals.get('wall_seconds', 0.0)
+    totals.setdefault('train_seconds', 0.0)
+    totals.setdefault('train_steps', 0)
+    return trainer._finish(step, meta, totals, time.time())
   finally:
     trainer.ckpts.close()
