@@ -42,7 +42,6 @@ from jax import lax
 from attention_variants import full
 from attention_variants import masks
 
-DEFAULTS = {'q_block': 512, 'kv_block': 512}
 IMPLEMENTATIONS = ('auto', 'xla', 'reference')
 
 

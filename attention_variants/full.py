@@ -19,7 +19,6 @@ from absl import logging
 
 from attention_variants import masks
 
-DEFAULTS = {}
 IMPLEMENTATIONS = ('auto', 'reference', 'xla', 'cudnn')
 
 

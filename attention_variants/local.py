@@ -43,7 +43,6 @@ from jax import lax
 from attention_variants import full
 from attention_variants import masks
 
-DEFAULTS = {'window': 128, 'left': -1, 'right': -1, 'block': 128}
 IMPLEMENTATIONS = ('auto', 'xla', 'reference')
 
 

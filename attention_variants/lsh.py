@@ -54,6 +54,21 @@ head); keys are hashed and sorted once per kv head and shared by the group.
 Under shared_qk the keys come from each query head, so every query head is its
 own group (v is repeated per query head).
 
+Hyperparameters (config.attention.lsh):
+  n_hashes     hashing rounds, an integer >= 1. More rounds miss fewer
+               neighbours; cost grows linearly.
+  bucket_size  chunk length c of the sorted order, an integer >= 1. Each
+               query sees its own chunk and the previous one, i.e. up to 2c
+               keys per round.
+  n_buckets    buckets per round. 0: automatic, 2 * ceil(N / bucket_size)
+               (~2N/c, as in the paper); 1: no hashing (one bucket, the sort
+               is the identity); otherwise an even number >= 2.
+  shared_qk    True: keys are the normalised queries (the `k` argument is
+               ignored) and a token attends to itself only when nothing else
+               is visible (Reformer's setting); False hashes separate keys
+               (needed for cross-attention).
+  seed         rotations when no rng is given (evaluation): PRNGKey(seed).
+
 Randomness: rotations are drawn from `rng` (the trainer passes a fresh key each
 step); when rng is None they come from PRNGKey(params['seed']), so evaluation
 is deterministic.
@@ -89,23 +104,6 @@ import jax.numpy as jnp
 from attention_variants import full
 from attention_variants import masks
 
-DEFAULTS = {
-    # Hashing rounds. More rounds miss fewer neighbours; cost grows linearly.
-    'n_hashes': 2,
-    # Chunk length c of the sorted order. Each query sees its own chunk and
-    # the previous one, i.e. up to 2c keys per round.
-    'bucket_size': 64,
-    # Buckets per round. 0: automatic, 2 * ceil(N / bucket_size) (~2N/c, as in
-    # the paper); 1: no hashing (one bucket, the sort is the identity);
-    # otherwise an even number >= 2.
-    'n_buckets': 0,
-    # Keys are the normalised queries (the `k` argument is ignored) and a token
-    # attends to itself only when nothing else is visible. Reformer's setting;
-    # False hashes separate keys (needed for cross-attention).
-    'shared_qk': True,
-    # Rotations when no rng is given (evaluation): PRNGKey(seed).
-    'seed': 0,
-}
 IMPLEMENTATIONS = ('auto', 'xla', 'reference')
 
 # A token's score for itself under shared QK. exp(SELF_SCORE - m) underflows

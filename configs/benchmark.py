@@ -57,7 +57,5 @@ def get_config(arg=None):
   # Attention spec shared by every measured kind; per-kind parameters
   # (e.g. attention.local.window) override the variants' defaults.
   c.attention = default.base().attention
-  c.attention.local.window = 128
-  c.attention.implementation = 'auto'
   return default.with_preset(c, arg, {'smoke': _smoke, 'cpu': _cpu,
                                       'gpu': _gpu}, default='cpu')

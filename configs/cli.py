@@ -11,6 +11,8 @@ import os
 import re
 import traceback
 
+from utils import paths
+
 
 def load(config_arg: str):
   """get_config(preset) of a 'path.py[:preset]' argument."""
@@ -41,15 +43,12 @@ def _unknown_override(config, argv) -> str | None:
     m = re.match(r'--config\.([\w.]+)(=|$)', arg)
     if not m:
       continue
-    node, walked = config, []
-    for part in m.group(1).split('.'):
-      if not hasattr(node, 'keys') or part not in node:
-        where = '.'.join(walked) or 'config'
-        valid = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else ''
-        return (f'unknown config field {m.group(1)!r}: {where} has no field '
-                f'{part!r}' + (f'; valid: {valid}' if valid else ''))
-      node = node[part]
-      walked.append(part)
+    _, missing = paths.walk(config, m.group(1))
+    if missing is not None:
+      where, node, part = missing
+      valid = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else ''
+      return (f'unknown config field {m.group(1)!r}: {where or "config"} has '
+              f'no field {part!r}' + (f'; valid: {valid}' if valid else ''))
   return None
 
 

@@ -53,11 +53,8 @@ def _smoke(c):
 
 
 def _cpu(c):
-  # Budget: 30 minutes in all on 2 CPU cores, for len(KINDS) x
-  # len(tasks.NAMES) x 2 seeds runs (6 x 3 x 2 = 36 today). Measured on
-  # the 2-core VM with nothing else running: 19 min 36 s (049bf4c),
-  # 27 min 7 s (69fbe50) and 22 min 29 s (5c72c10) for the same work (runs
-  # of 15-77 s each, 18 efficiency cells 70-90 s; docs/results/README.md).
+  # Budget: about 30 minutes on 2 CPU cores for every kind x every task x
+  # 2 seeds; measured times are in docs/results/README.md.
   # So few steps rank variants only roughly; use lra (or raise num_steps
   # with --config.overrides.train.num_steps) for numbers to quote.
   c.kinds = ','.join(av.KINDS)

@@ -40,7 +40,8 @@ def base() -> ml_collections.ConfigDict:
       implementation='auto',    # 'auto' | 'xla' | 'cudnn' | 'pallas' | 'reference'
   ))
   # One block per registered variant with its hyperparameters; the defaults
-  # live in each variant module (DEFAULTS) and are documented there.
+  # live in the registry (attention_variants/__init__.py) and each variant's
+  # module docstring documents them.
   for kind in av.KINDS:
     c.attention[kind] = av.defaults(kind)
 

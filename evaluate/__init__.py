@@ -1,0 +1,2 @@
+"""The top layer: benchmark, compare sweeps, tables and plots. It calls
+train/, never the other way round."""

@@ -21,19 +21,13 @@ from absl import logging
 
 import attention_variants as av
 from attention_variants import full
-from evaluate import profile
+from attention_variants import local
 from evaluate.compare import names
+from train import profile
 from train import trainer
 from train import writer as writer_lib
 
 PEER = 'dot_product_attention'
-
-
-def _local_window(spec) -> tuple[int, int]:
-  p = spec['local']
-  left = p['left'] if p['left'] >= 0 else p['window']
-  right = p['right'] if p['right'] >= 0 else p['window']
-  return left, right
 
 
 def _functions(config, spec):
@@ -50,8 +44,7 @@ def _functions(config, spec):
   fns[PEER] = (lambda q, k, v, rng: jax.nn.dot_product_attention(
       q, k, v, is_causal=causal, implementation=impl), impl, None)
   if 'local' in fns:
-    window = _local_window(spec)
-    window = (window[0], 0) if causal else window
+    window = local.extents(spec['local'], causal)
     fns[f'{PEER}(window)'] = (lambda q, k, v, rng: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, local_window_size=window,
         implementation=impl), impl, None)

@@ -19,9 +19,9 @@ logged and recorded and the sweep goes on; a SIGTERM (preemption) stops the
 sweep after the current run has checkpointed. `only_tables=True` only
 rebuilds tables and plots.
 
-The efficiency cells time the trainer's own train step (make_train_step,
-make_optimizer, compiled ahead of time with the state donated) on a
-synthetic classification task of each length, one device, in this process,
+The efficiency cells time the trainer's own train step (built and compiled
+by train/step.py, ahead of time with the state donated) on a synthetic
+classification task of each length, one device, in this process,
 so every variant is measured on the same machine in the same sweep. Memory
 is XLA's memory analysis of that executable: arguments (parameters, optimizer
 state, batch) + temporaries + outputs - donated outputs, i.e. what the step
@@ -33,7 +33,6 @@ larger cell would otherwise own).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import time
@@ -43,17 +42,18 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from flax import nnx
 
 import attention_variants as av
 import tasks
 from configs import default
 from evaluate import plots
-from evaluate import profile
 from evaluate import tables
-from models import transformer
+from train import profile
+from train import step as step_lib
 from train import trainer
 from train import writer as writer_lib
+from utils import paths
+from utils import progress as progress_lib
 
 FAILURES = 'failures.json'
 
@@ -129,41 +129,14 @@ def lengths_of(config) -> list[int]:
   return lengths
 
 
-def flat(node, prefix: str = '') -> dict:
-  """{'train.num_steps': 300, ...} of nested overrides."""
-  out = {}
-  for key, value in (node.items() if node is not None else ()):
-    path = f'{prefix}{key}'
-    if hasattr(value, 'items'):
-      out.update(flat(value, path + '.'))
-    else:
-      out[path] = value
-  return out
-
-
-def set_path(config, path: str, value, where: str) -> None:
-  """Sets config at a dotted path; ValueError naming it when it cannot."""
-  *parents, leaf = path.split('.')
-  node = config
-  for part in parents:
-    if not hasattr(node, 'keys') or part not in node:
-      raise ValueError(f'{where}: {path!r} is not a field of the run config')
-    node = node[part]
-  if not hasattr(node, 'keys') or leaf not in node:
-    raise ValueError(f'{where}: {path!r} is not a field of the run config')
-  try:
-    node[leaf] = value
-  except TypeError as e:
-    raise ValueError(f'{where}: {path}={value!r} has the wrong type ({e})'
-                     ) from e
-
-
 def overrides_for(config, task: str, kind: str) -> list[tuple[str, dict]]:
   """(where, dotted overrides) in the order they apply to one run."""
   return [
-      ('overrides', flat(config.overrides)),
-      (f'task_overrides.{task}', flat(config.task_overrides.get(task))),
-      (f'kind_overrides.{kind}', flat(config.kind_overrides.get(kind))),
+      ('overrides', paths.flatten(config.overrides)),
+      (f'task_overrides.{task}',
+       paths.flatten(config.task_overrides.get(task))),
+      (f'kind_overrides.{kind}',
+       paths.flatten(config.kind_overrides.get(kind))),
   ]
 
 
@@ -171,7 +144,7 @@ def run_config(config, task: str, preset: str, kind: str, seed: int):
   """configs/<task>.py:<preset> with the kind, seed and overrides set;
   ValueError (before any run starts) for values no run can use."""
   try:
-    c = importlib.import_module(f'configs.{task}').get_config(preset or None)
+    c = tasks.get_config(task, preset or None)
   except ValueError as e:
     raise ValueError(f'tasks: {task}:{preset}: {e}') from e
   c.data_dir = config.data_dir
@@ -179,7 +152,7 @@ def run_config(config, task: str, preset: str, kind: str, seed: int):
   c.seed = seed
   for where, values in overrides_for(config, task, kind):
     for path, value in values.items():
-      set_path(c, path, value, where)
+      paths.set_value(c, path, value, where)
   trainer.check_config(c)
   return c
 
@@ -194,23 +167,6 @@ def plan(config, workdir: str) -> list[Run]:
 
 
 # -- training ----------------------------------------------------------------
-
-
-class Progress:
-  """'i/n' and the time left, from the mean time of items done so far."""
-
-  def __init__(self, what: str, total: int):
-    self.what, self.total, self.times = what, total, []
-
-  def start(self, index: int, name: str) -> None:
-    left = ''
-    if self.times:
-      mean = sum(self.times) / len(self.times)
-      left = f'; ~{trainer.format_duration(mean * (self.total - index + 1))} left'
-    logging.info('%s %d/%d: %s%s', self.what, index, self.total, name, left)
-
-  def done(self, seconds: float) -> None:
-    self.times.append(seconds)
 
 
 def prepare_data(runs: list[Run]) -> None:
@@ -229,7 +185,7 @@ class Failures:
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, FAILURES)
-    self.entries = tables.read_json(self.path)[0] or {}
+    self.entries = writer_lib.read_json(self.path)[0] or {}
 
   def record(self, name: str, error: BaseException) -> None:
     self.entries[name] = {
@@ -253,10 +209,9 @@ def train_all(runs: list[Run], failures: Failures) -> None:
           if not os.path.exists(os.path.join(r.workdir, 'results.json'))]
   logging.info('%d runs: %d finished (skipped), %d to run', len(runs),
                len(runs) - len(todo), len(todo))
-  progress = Progress('run', len(todo))
+  progress = progress_lib.Progress('run', len(todo), unit='runs')
   for i, r in enumerate(todo, 1):
-    progress.start(i, r.name)
-    t0 = time.time()
+    progress.start_item(i, r.name)
     try:
       trainer.train_and_evaluate(r.config, r.workdir)
     except trainer.Preempted:
@@ -268,7 +223,6 @@ def train_all(runs: list[Run], failures: Failures) -> None:
       failures.record(f'runs/{r.name}', e)
     else:
       failures.clear(f'runs/{r.name}')
-    progress.done(time.time() - t0)
 
 
 # -- efficiency ----------------------------------------------------------------
@@ -306,7 +260,7 @@ def attention_spec(config, kind: str) -> dict:
   for where, values in overrides_for(config, '', kind):
     for path, value in values.items():
       if path.startswith('attention.'):
-        set_path(c, path, value, where)
+        paths.set_value(c, path, value, where)
   return c.attention.to_dict()
 
 
@@ -317,17 +271,13 @@ def measure(model_cfg, spec: dict, seq_len: int, *, batch_size: int,
   task = synthetic_task(seq_len, vocab_size, num_classes)
   train_cfg = default.base().train
   train_cfg.batch_size = batch_size
-  model = transformer.build(model_cfg, spec, task, seed=0)
-  tx, _ = trainer.make_optimizer(train_cfg)
-  graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
-  num_params = sum(int(np.prod(x.shape)) for x in
-                   jax.tree.leaves(nnx.state(model, nnx.Param)))
+  setup = step_lib.build(model_cfg, spec, task, train_cfg, seed=0)
+  state = setup.state
   batch = jax.device_put(synthetic_batch(task, batch_size))
   key = jax.random.key(0)
   peak_before = profile.device_peak_bytes()
   t0 = time.time()
-  step = jax.jit(trainer.make_train_step(graphdef, task.head),
-                 donate_argnums=0).lower(state, batch, key).compile()
+  step = step_lib.compile_train(setup, batch, key)
   compile_s = time.time() - t0
   for i in range(warmup_steps):
     state, _ = step(state, batch, jax.random.fold_in(key, i))
@@ -348,7 +298,7 @@ def measure(model_cfg, spec: dict, seq_len: int, *, batch_size: int,
       'compiled_memory': memory,
       'device_peak_bytes': peak_after if rose else None,
       'flops': profile.compiled_flops(step),
-      'params': num_params,
+      'params': setup.num_params,
       'compile_s': compile_s,
       'timed_steps': steps,
   }
@@ -368,10 +318,10 @@ def measure_all(config, workdir: str, kinds: list[str]) -> None:
   logging.info('%d efficiency cells: %d measured (skipped), %d to measure',
                len(cells), len(cells) - len(todo), len(todo))
   os.makedirs(os.path.join(workdir, 'efficiency'), exist_ok=True)
-  progress = Progress('efficiency cell', len(todo))
+  progress = progress_lib.Progress('efficiency cell', len(todo),
+                                   unit='cells')
   for i, (kind, n) in enumerate(todo, 1):
-    progress.start(i, f'{kind} at length {n}')
-    t0 = time.time()
+    progress.start_item(i, f'{kind} at length {n}')
     spec = attention_spec(config, kind)
     cell = {'kind': kind, 'seq_len': n, 'batch_size': e.batch_size,
             'device': profile.device_kind(),
@@ -387,11 +337,10 @@ def measure_all(config, workdir: str, kinds: list[str]) -> None:
                     type(err).__name__, err)
       cell.update(status='failed', error=f'{type(err).__name__}: {err}')
     writer_lib.write_json_atomic(efficiency_path(workdir, kind, n), cell)
-    progress.done(time.time() - t0)
 
 
 def _measured(path: str) -> bool:
-  data, _ = tables.read_json(path)
+  data, _ = writer_lib.read_json(path)
   return isinstance(data, dict) and data.get('status') == 'ok'
 
 

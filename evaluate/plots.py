@@ -20,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from evaluate import tables
+from train import writer as writer_lib
 
 
 def _ok(cell) -> bool:
@@ -62,9 +63,8 @@ def colors(kinds) -> dict:
 
 def _save(fig: Figure, path: str) -> None:
   FigureCanvasAgg(fig)
-  tmp = path + '.tmp'
-  fig.savefig(tmp, format='png', dpi=120, bbox_inches='tight')
-  os.replace(tmp, path)
+  with writer_lib.atomic_path(path) as tmp:
+    fig.savefig(tmp, format='png', dpi=120, bbox_inches='tight')
 
 
 def accuracy_speed(accuracy: dict, efficiency: dict, path: str,

@@ -27,40 +27,19 @@ from __future__ import annotations
 import csv
 import glob
 import io
-import json
 import math
 import os
 
 from absl import logging
 
 from train import writer as writer_lib
+from utils import paths
 
 DASH = '–'   # a cell with no data
 PM = '±'
 
 
 # -- reading -----------------------------------------------------------------
-
-
-def read_json(path: str):
-  """(parsed JSON, None) or (None, reason it cannot be read)."""
-  try:
-    with open(path) as f:
-      return json.load(f), None
-  except FileNotFoundError:
-    return None, 'missing'
-  except (OSError, ValueError) as e:
-    return None, f'invalid JSON ({e})'
-
-
-def _get(data, dotted: str):
-  """data[a][b]... for 'a.b'; KeyError naming the dotted path if absent."""
-  node = data
-  for part in dotted.split('.'):
-    if not isinstance(node, dict) or part not in node:
-      raise KeyError(f'missing {dotted}')
-    node = node[part]
-  return node
 
 
 def _number(value, name: str) -> float:
@@ -72,12 +51,13 @@ def _number(value, name: str) -> float:
 
 def run_record(data) -> dict:
   """task, kind, seed and test accuracy of one results.json's content."""
-  accuracy = _number(_get(data, 'metrics.test.accuracy'),
+  accuracy = _number(paths.get(data, 'metrics.test.accuracy'),
                      'metrics.test.accuracy')
   if not 0.0 <= accuracy <= 1.0:
     raise ValueError(f'metrics.test.accuracy={accuracy} is outside [0, 1]')
-  task, kind, seed = (_get(data, 'task'), _get(data, 'attention.kind'),
-                      _get(data, 'seed'))
+  task, kind, seed = (paths.get(data, 'task'),
+                      paths.get(data, 'attention.kind'),
+                      paths.get(data, 'seed'))
   if not isinstance(seed, int) or isinstance(seed, bool):
     raise ValueError(f'seed={seed!r} is not an integer')
   return {'task': str(task), 'kind': str(kind), 'seed': seed,
@@ -86,15 +66,15 @@ def run_record(data) -> dict:
 
 def efficiency_record(data) -> dict:
   """kind, seq_len, status and the numbers of one efficiency file."""
-  kind, n, status = (_get(data, 'kind'), _get(data, 'seq_len'),
-                     _get(data, 'status'))
+  kind, n, status = (paths.get(data, 'kind'), paths.get(data, 'seq_len'),
+                     paths.get(data, 'status'))
   record = {'kind': str(kind), 'seq_len': int(_number(n, 'seq_len')),
             'status': status, 'device': data.get('device', ''),
             'batch_size': data.get('batch_size')}
   if status == 'ok':
-    record['steps_per_sec'] = _number(_get(data, 'steps_per_sec'),
+    record['steps_per_sec'] = _number(paths.get(data, 'steps_per_sec'),
                                       'steps_per_sec')
-    record['memory_bytes'] = _number(_get(data, 'memory_bytes'),
+    record['memory_bytes'] = _number(paths.get(data, 'memory_bytes'),
                                      'memory_bytes')
   else:
     record['error'] = str(data.get('error', ''))
@@ -105,7 +85,7 @@ def _read_all(paths, parse, key) -> tuple[list[dict], list[dict]]:
   """(records, skipped) of files; skipped ones are logged with their path."""
   records, skipped, seen = [], [], {}
   for path in paths:
-    data, reason = read_json(path)
+    data, reason = writer_lib.read_json(path)
     if reason is None:
       try:
         record = parse(data)
@@ -393,26 +373,19 @@ def csv_text(numbers: dict) -> str:
   return out.getvalue()
 
 
-def _write_text(path: str, text: str) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def write_table(out_dir: str, name: str, payload: dict, display: dict,
                 numbers: dict) -> None:
   """name.md, name.csv, name.tex and name.json in out_dir."""
   base = os.path.join(out_dir, name)
-  _write_text(base + '.md', markdown(display))
-  _write_text(base + '.csv', csv_text(numbers))
-  _write_text(base + '.tex', latex(display))
+  writer_lib.write_text_atomic(base + '.md', markdown(display))
+  writer_lib.write_text_atomic(base + '.csv', csv_text(numbers))
+  writer_lib.write_text_atomic(base + '.tex', latex(display))
   writer_lib.write_json_atomic(base + '.json', {**payload, 'table': display})
 
 
 def failures(sweep_dir: str) -> dict:
   """failures.json of the sweep (runs that raised), {} if none."""
-  data, _ = read_json(os.path.join(sweep_dir, 'failures.json'))
+  data, _ = writer_lib.read_json(os.path.join(sweep_dir, 'failures.json'))
   return data if isinstance(data, dict) else {}
 
 

@@ -1,9 +1,10 @@
 """Flax NNX Transformer encoder whose attention is any registered variant.
 
-Pre-LayerNorm blocks; learned or sinusoidal positions; a classification head
-(CLS or masked-mean pooling) or a per-position head. Attention is called only
-through `attention_variants.attend`, with padding given as lengths, so a
-variant swap is one config field.
+Pre-LayerNorm blocks; learned or sinusoidal positions; a final LayerNorm.
+Attention is called only through `attention_variants.attend`, with padding
+given as lengths, so a variant swap is one config field. The encoder knows
+nothing of tasks: `Model` pairs it with a head (tasks/heads), which decides
+how the encoder is used and what comes out.
 """
 from __future__ import annotations
 
@@ -14,9 +15,7 @@ from flax import nnx
 
 import attention_variants as av
 
-HEADS = ('classify', 'per_position')
 POS_EMBS = ('learned', 'sinusoidal')
-POOLINGS = ('cls', 'mean')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -64,12 +63,6 @@ class Attention(nnx.Module):
                   kv_lengths=lengths, rng=attention_rng)
     return self.out(y.reshape(x.shape[0], x.shape[1], -1))
 
-  def weights(self, x, lengths, *, causal, attention_rng):
-    q, k, v = self._qkv(x)
-    return av.attention_weights(q, k, v, self.spec, causal=causal,
-                                q_lengths=lengths, kv_lengths=lengths,
-                                rng=attention_rng)
-
 
 class Block(nnx.Module):
   """Pre-LN: x + Attn(LN(x)), then x + MLP(LN(x))."""
@@ -115,37 +108,39 @@ def sinusoidal(max_len: int, dim: int) -> np.ndarray:
   return table
 
 
-class Transformer(nnx.Module):
-  """Embeddings -> pre-LN blocks -> final LN -> head.
+def activation_dtype(model_cfg):
+  """The jnp dtype of model.dtype; ValueError naming the field otherwise."""
+  if model_cfg.dtype not in DTYPES:
+    raise ValueError(f'model.dtype={model_cfg.dtype!r}; valid: '
+                     f'{", ".join(DTYPES)}')
+  return DTYPES[model_cfg.dtype]
 
-  __call__(inputs int [b, n], lengths int [b], *, attention_rng, dropout_rng)
-  returns logits [b, num_classes] ('classify') or [b, n, num_classes].
+
+class Encoder(nnx.Module):
+  """Embeddings -> pre-LN blocks -> final LN.
+
+  __call__(inputs int [b, n], lengths int [b], *, attention_rng,
+  dropout_rng=None) returns [b, n, dim] in the activation dtype.
   """
 
-  def __init__(self, cfg, spec, *, vocab_size, max_len, num_classes, head,
-               causal, rngs):
-    for name, value, valid in (('model.head', head, HEADS),
-                               ('model.pos_emb', cfg.pos_emb, POS_EMBS),
-                               ('model.pooling', cfg.pooling, POOLINGS),
-                               ('model.dtype', cfg.dtype, tuple(DTYPES))):
-      if value not in valid:
-        raise ValueError(f'{name}={value!r}; valid: {", ".join(valid)}')
+  def __init__(self, cfg, spec, *, vocab_size, max_len, causal, rngs):
+    if cfg.pos_emb not in POS_EMBS:
+      raise ValueError(f'model.pos_emb={cfg.pos_emb!r}; valid: '
+                       f'{", ".join(POS_EMBS)}')
+    dtype = activation_dtype(cfg)
     for name in ('num_layers', 'dim', 'num_heads', 'mlp_dim'):
       if cfg[name] < 1:
         raise ValueError(f'model.{name}={cfg[name]} must be >= 1')
     if not 0.0 <= cfg.dropout < 1.0:
       raise ValueError(f'model.dropout={cfg.dropout} must be in [0, 1)')
-    av.validate(spec)
-    dtype = DTYPES[cfg.dtype]
     remat = cfg.get('remat', False)  # absent from configs of older runs
     if not isinstance(remat, bool):
       raise ValueError(f'model.remat={remat!r} must be True or False')
     if cfg.num_kv_heads < 0:
       raise ValueError(f'model.num_kv_heads={cfg.num_kv_heads} must be >= 0 '
                        '(0: as many as model.num_heads)')
-    self.head, self.causal, self.pooling = head, causal, cfg.pooling
-    self.remat = remat
-    self.rate = cfg.dropout
+    av.validate(spec)
+    self.causal, self.remat, self.rate = causal, remat, cfg.dropout
     self.embed = nnx.Embed(vocab_size, cfg.dim, dtype=dtype, rngs=rngs)
     if cfg.pos_emb == 'learned':
       self.pos = nnx.Param(
@@ -155,9 +150,8 @@ class Transformer(nnx.Module):
     self.blocks = nnx.List([Block(cfg, layer_spec(spec, i), dtype=dtype,
                                   rngs=rngs) for i in range(cfg.num_layers)])
     self.ln = nnx.LayerNorm(cfg.dim, dtype=dtype, rngs=rngs)
-    self.logits = nnx.Linear(cfg.dim, num_classes, dtype=dtype, rngs=rngs)
 
-  def encode(self, inputs, lengths, *, attention_rng, dropout_rng):
+  def __call__(self, inputs, lengths, *, attention_rng, dropout_rng=None):
     n = inputs.shape[1]
     x = self.embed(inputs) + self.pos[...][:n].astype(self.embed.dtype)
     rngs = _split(dropout_rng, len(self.blocks) + 1)
@@ -174,34 +168,16 @@ class Transformer(nnx.Module):
               rngs[i])
     return self.ln(x)
 
-  def __call__(self, inputs, lengths, *, attention_rng, dropout_rng=None):
-    x = self.encode(inputs, lengths, attention_rng=attention_rng,
-                    dropout_rng=dropout_rng)
-    if self.head == 'classify':
-      if self.pooling == 'cls':
-        x = x[:, 0]
-      else:
-        valid = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
-        x = (x * valid[..., None]).sum(1) / jnp.maximum(lengths, 1)[:, None]
-    return self.logits(x).astype(jnp.float32)
 
-  def attention_maps(self, inputs, lengths, *, attention_rng):
-    """Per-layer attention probabilities [layers, b, heads, n, n] (short inputs)."""
-    n = inputs.shape[1]
-    x = self.embed(inputs) + self.pos[...][:n].astype(self.embed.dtype)
-    maps = []
-    for i, block in enumerate(self.blocks):
-      rng = jax.random.fold_in(attention_rng, i)
-      maps.append(block.attn.weights(block.ln1(x), lengths, causal=self.causal,
-                                     attention_rng=rng))
-      x = block(x, lengths, causal=self.causal, attention_rng=rng,
-                dropout_rng=None)
-    return jnp.stack(maps)
+class Model(nnx.Module):
+  """An encoder and a head; the head runs the encoder on the batch.
 
+  __call__(batch, *, attention_rng, dropout_rng=None) -> the head's outputs.
+  """
 
-def build(model_cfg, attention_spec, task, *, seed: int) -> Transformer:
-  """The model a task needs, initialised from `seed`."""
-  return Transformer(model_cfg, attention_spec, vocab_size=task.vocab_size,
-                     max_len=task.seq_len, num_classes=task.num_classes,
-                     head=task.head, causal=task.causal,
-                     rngs=nnx.Rngs(params=seed))
+  def __init__(self, encoder: Encoder, head: nnx.Module):
+    self.encoder, self.head = encoder, head
+
+  def __call__(self, batch, *, attention_rng, dropout_rng=None):
+    return self.head(self.encoder, batch, attention_rng=attention_rng,
+                     dropout_rng=dropout_rng)

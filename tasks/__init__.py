@@ -4,27 +4,46 @@
     task = tasks.get(config.task, data_dir)   # config.task.name picks it
     train = task.source('train')              # generated on first use
 
-All three tasks here are generated offline by TFDS builders (tasks/builders.py)
-and cached in `data_dir`; see each module for its format.
+The registry is plain data: importing this package imports neither jax nor
+TFDS (configs read the task names from it); a task's module is imported when
+the task is built. Each entry names the task's module (its TFDS builder and
+`make`) and its config module (presets; configs/<task>.py). Adding a task:
+its module, its config, one line here.
 """
 from __future__ import annotations
 
-from tasks import copy
-from tasks import listops
-from tasks import mqar
+import importlib
+
 from tasks.base import SPLITS, Task  # noqa: F401  (re-exported)
 
-TASKS = {
-    'listops': listops.make,
-    'mqar': mqar.make,
-    'copy': copy.make,
+# name -> (task module, config module)
+_REGISTRY = {
+    'listops': ('tasks.listops', 'configs.listops'),
+    'mqar': ('tasks.mqar', 'configs.mqar'),
+    'copy': ('tasks.copy', 'configs.copy'),
 }
-NAMES = tuple(TASKS)
+NAMES = tuple(_REGISTRY)
+
+
+def _check_name(name) -> None:
+  if name not in _REGISTRY:
+    raise ValueError(f'unknown task {name!r}; valid tasks: {", ".join(NAMES)}')
+
+
+def config_module(name: str) -> str:
+  """The config module of a task, e.g. 'configs.listops'."""
+  _check_name(name)
+  return _REGISTRY[name][1]
+
+
+def get_config(name: str, preset: str | None = None):
+  """configs/<task>.py's get_config(preset)."""
+  return importlib.import_module(config_module(name)).get_config(preset)
 
 
 def get(task_config, data_dir: str) -> Task:
   """The task named by task_config.name, built from the rest of the config."""
   name = task_config.get('name')
-  if name not in TASKS:
-    raise ValueError(f'unknown task {name!r}; valid tasks: {", ".join(NAMES)}')
-  return TASKS[name](task_config, data_dir)
+  _check_name(name)
+  return importlib.import_module(_REGISTRY[name][0]).make(task_config,
+                                                          data_dir)

@@ -23,7 +23,6 @@ import glob
 import os
 import re
 import shutil
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -32,6 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from tasks import base
+from utils import progress as progress_lib
 
 FILE_FORMAT = 'array_record'
 # What TFDS accepts as a config name (tensorflow_datasets/core/naming.py).
@@ -106,7 +106,7 @@ def per_position_splits(
 def _chunked_examples(what: str, total: int, chunk: int,
                       rows: Callable[[int], tuple[np.ndarray, np.ndarray]]
                       ) -> Iterable[dict[str, np.ndarray]]:
-  progress = Progress(what, total)
+  progress = progress_lib.Progress(what, total)
   for start in range(0, total, chunk):
     arrays = rows(min(chunk, total - start))
     names = ('tokens', 'scored', 'answers')[:len(arrays)]
@@ -297,25 +297,3 @@ def classify_preprocess(seq_len: int, prefix: tuple[int, ...] = ()):
 
 def next_token_preprocess(seq_len: int):
   return functools.partial(next_token_example, seq_len=seq_len)
-
-
-class Progress:
-  """Logs generation progress at most every `every_s` seconds."""
-
-  def __init__(self, what: str, total: int, every_s: float = 10.0):
-    self._what, self._total, self._every_s = what, total, every_s
-    self._start = self._last = time.monotonic()
-
-  def update(self, done: int, note: str = '') -> None:
-    now = time.monotonic()
-    if now - self._last < self._every_s:
-      return
-    self._last = now
-    rate = done / max(now - self._start, 1e-9)
-    eta = (self._total - done) / max(rate, 1e-9)
-    logging.info('%s: %d / %d examples (%.0f/s, ~%.0f s left)%s', self._what,
-                 done, self._total, rate, eta, note)
-
-  def done(self) -> None:
-    logging.info('%s: %d examples in %.1f s', self._what, self._total,
-                 time.monotonic() - self._start)

@@ -23,6 +23,7 @@ import numpy as np
 
 from tasks import base
 from tasks import builders
+from utils import progress as progress_lib
 
 CLS = 1
 DIGITS = tuple(str(d) for d in range(10))
@@ -128,7 +129,7 @@ def unique_trees(params: Mapping[str, Any], total: int) -> list[bytes]:
   min_length, max_length = params['min_length'], params['max_length']
   seen: set[bytes] = set()
   trees: list[bytes] = []
-  progress = builders.Progress('listops', total)
+  progress = progress_lib.Progress('listops', total)
   tried = fruitless = 0
   while len(trees) < total:
     tree = random_tree(draw, params['max_depth'], params['max_args'],

@@ -16,8 +16,8 @@ def data_dir(tmp_path_factory):
 def smoke_config(data_dir):
   """listops:smoke with the session's data dir; tests tweak it further."""
   def make(task='listops', **overrides):
-    import importlib
-    config = importlib.import_module(f'configs.{task}').get_config('smoke')
+    import tasks
+    config = tasks.get_config(task, 'smoke')
     config.data_dir = data_dir
     for dotted, value in overrides.items():
       node = config

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 import attention_variants as av
+import variant_kit as kit
 from attention_variants import full
 
 ATOL = 1e-5
-REFERENCE = {'kind': 'full', 'implementation': 'reference'}
+REFERENCE = kit.REFERENCE
 
 # Four batch rows: full, no valid key at all, short queries, short keys (so
 # late queries of a narrow window see nothing).
@@ -24,16 +25,15 @@ KV_LENGTHS = (21, 0, 9, 4)
 
 def _inputs(n_q=21, n_k=21, heads=4, kv_heads=2, head_dim=8, seed=0,
             dtype=jnp.float32):
-  rng = np.random.default_rng(seed)
-  b = len(Q_LENGTHS)
-  q = rng.normal(size=(b, n_q, heads, head_dim))
-  k = rng.normal(size=(b, n_k, kv_heads, head_dim))
-  v = rng.normal(size=(b, n_k, kv_heads, head_dim))
-  ct = rng.normal(size=(b, n_q, heads, head_dim))  # output cotangent
+  """([q, k, v], output cotangent, q_lengths, kv_lengths)."""
+  qkv = kit.inputs(n_q, n_k, batch=len(Q_LENGTHS), heads=heads,
+                   kv_heads=kv_heads, head_dim=head_dim, seed=seed,
+                   dtype=dtype)
+  ct = kit.cotangent((len(Q_LENGTHS), n_q, heads, head_dim), seed + 1)
   ql = np.minimum(Q_LENGTHS, n_q)
   kl = np.minimum(KV_LENGTHS, n_k)
-  return ([jnp.asarray(x, dtype) for x in (q, k, v)], jnp.asarray(ct),
-          jnp.asarray(ql, jnp.int32), jnp.asarray(kl, jnp.int32))
+  return (list(qkv), ct, jnp.asarray(ql, jnp.int32),
+          jnp.asarray(kl, jnp.int32))
 
 
 def _window(n_q, n_k, left, right, causal):
@@ -47,8 +47,7 @@ def _window(n_q, n_k, left, right, causal):
 def _dense(q, k, v, *, causal, ql, kl, window=None):
   """Dense reference output, optionally under a [n_q, n_k] window mask."""
   if window is None:
-    return av.attend(q, k, v, REFERENCE, causal=causal, q_lengths=ql,
-                     kv_lengths=kl)
+    return kit.reference(q, k, v, causal=causal, q_lengths=ql, kv_lengths=kl)
   mask = full.full_mask(q, k, causal=causal, q_lengths=ql, kv_lengths=kl)
   mask = mask & jnp.asarray(window)
   return full.probs_times_v(full.dense_probs(q, k, mask), v, q.dtype)
@@ -65,15 +64,6 @@ def _value_and_grads(attend, qkv, ct, lengths, *, jit=True):
     out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, ql, kl), q, k, v)
     return out, vjp(ct)
   return jax.jit(both)(*qkv, *lengths) if jit else both(*qkv, *lengths)
-
-
-def _assert_matches(got, want):
-  out, grads = got
-  want_out, want_grads = want
-  np.testing.assert_allclose(out, want_out, atol=ATOL, rtol=0)
-  for name, g, w in zip('qkv', grads, want_grads):
-    assert np.isfinite(np.asarray(g)).all(), f'non-finite d{name}'
-    np.testing.assert_allclose(g, w, atol=ATOL, rtol=0, err_msg=f'd{name}')
 
 
 def _local_spec(params):
@@ -120,7 +110,7 @@ def test_matches_dense_reference(case, causal):
       lambda q, k, v, ql, kl: _dense(q, k, v, causal=causal, ql=ql, kl=kl,
                                      window=window), qkv, ct, (ql, kl),
       jit=False)
-  _assert_matches(got, want)
+  kit.assert_close(got, want, atol=ATOL)
 
   # Rows with nothing to attend to (padded queries, the batch row whose keys
   # are all padding, queries past a narrow window) are exactly zero.
@@ -169,7 +159,7 @@ def test_local_wide_window_equals_full(params, causal):
       lambda q, k, v, ql, kl: av.attend(q, k, v, REFERENCE, causal=causal,
                                         q_lengths=ql, kv_lengths=kl),
       qkv, ct, (ql, kl), jit=False)
-  _assert_matches(got, want)
+  kit.assert_close(got, want, atol=ATOL)
 
 
 @pytest.mark.parametrize('kind', ['blockwise', 'local'])

@@ -5,16 +5,15 @@ import numpy as np
 import pytest
 
 import attention_variants as av
+import variant_kit as kit
 
-REF = {'kind': 'full', 'implementation': 'reference'}
-XLA = {'kind': 'full', 'implementation': 'xla'}
+REF = kit.REFERENCE
+XLA = kit.spec('full', 'xla')
 
 
 def _qkv(n=9, heads=4, kv_heads=2, d=8):
-  ks = jax.random.split(jax.random.key(0), 3)
-  return (jax.random.normal(ks[0], (2, n, heads, d)),
-          jax.random.normal(ks[1], (2, n, kv_heads, d)),
-          jax.random.normal(ks[2], (2, n, kv_heads, d)))
+  return kit.inputs(n, n, batch=2, heads=heads, kv_heads=kv_heads,
+                    head_dim=d)
 
 
 @pytest.mark.parametrize('causal', [False, True])

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 
 import attention_variants as av
+import variant_kit as kit
 from attention_variants import full
 from attention_variants import lsh
 from attention_variants import masks
 
-FULL = {'kind': 'full', 'implementation': 'reference'}
+FULL = kit.REFERENCE
 B, N, H, KV, D = 3, 12, 4, 2, 8
 # Batch row 1 has no valid key at all; row 2 has fewer keys than queries.
 Q_LENGTHS = jnp.array([12, 7, 12])
@@ -23,28 +24,13 @@ def _spec(implementation='auto', **params):
 
 
 def _inputs(n_q=N, n_k=N, dtype=jnp.float32, seed=0):
-  # numpy, not jax.random: no PRNG program to compile for every shape.
-  rs = np.random.default_rng(seed)
-  normal = lambda *shape: jnp.asarray(rs.standard_normal(shape), dtype)
-  return normal(B, n_q, H, D), normal(B, n_k, KV, D), normal(B, n_k, KV, D)
+  return kit.inputs(n_q, n_k, batch=B, heads=H, kv_heads=KV, head_dim=D,
+                    seed=seed, dtype=dtype)
 
 
-# Each test compiles one jax.jit program holding all its computations: far
-# cheaper on a small CPU than eager mode, which compiles every primitive.
 def _outputs_and_grads(fns, q, k, v):
   """[(out, (dq, dk, dv)) for fn in fns] with a fixed random cotangent."""
-  shape = jax.eval_shape(fns[0], q, k, v)
-  cotangent = jnp.asarray(
-      np.random.default_rng(9).standard_normal(shape.shape), shape.dtype)
-
-  @jax.jit
-  def run(q, k, v):
-    results = []
-    for fn in fns:
-      out, pullback = jax.vjp(fn, q, k, v)
-      results.append((out, pullback(cotangent)))
-    return results
-  return run(q, k, v)
+  return kit.outputs_and_grads(fns, q, k, v, seed=9)
 
 
 def _run(fns, q, k, v):
@@ -174,7 +160,7 @@ def _numpy_pattern(q, k, rot, params, q_lengths, kv_lengths):
 @pytest.mark.parametrize('n_buckets', [8, 144])  # 144: two hash factors
 def test_weights_follow_the_hashed_chunks(n_buckets):
   n = 32
-  params = dict(lsh.DEFAULTS, n_buckets=n_buckets, bucket_size=4,
+  params = dict(av.defaults('lsh'), n_buckets=n_buckets, bucket_size=4,
                 shared_qk=False)
   q, k, v = _inputs(n_q=n, n_k=n)
   lengths = np.array([32, 20, 27])
@@ -262,7 +248,7 @@ def test_hash_factors_and_automatic_bucket_count():
   assert lsh.hash_factors(256) == (16, 16)
   assert lsh.hash_factors(512) == (16, 32)
   assert lsh.hash_factors(130) == (130,)  # no two even factors
-  params = dict(lsh.DEFAULTS)
+  params = dict(av.defaults('lsh'))
   assert lsh.geometry(8192, 8192, params) == lsh.Geometry(64, 128, 8192, 256)
   assert lsh.geometry(100, 100, params) == lsh.Geometry(64, 2, 128, 4)
   assert lsh.geometry(10, 10, params).n_buckets == 2

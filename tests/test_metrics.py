@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from evaluate import metrics
+from tasks import metrics
 
 
 def _binary(tp, fp, fn, tn):

@@ -8,6 +8,7 @@ import attention_variants as av
 from configs import listops
 from models import transformer
 from tasks.base import Task
+from train import step
 
 
 def _task(head='classify', causal=False):
@@ -20,9 +21,10 @@ def test_every_kind_runs_with_padding(kind):
   config = listops.get_config('smoke')
   spec = config.attention.to_dict()
   spec['kind'] = kind
-  model = transformer.build(config.model, spec, _task(), seed=0)
-  x = jnp.ones((2, 24), jnp.int32)
-  logits = model(x, jnp.array([24, 7]), attention_rng=jax.random.key(0))
+  model = step.build_model(config.model, spec, _task(), seed=0)
+  batch = {'inputs': jnp.ones((2, 24), jnp.int32),
+           'length': jnp.array([24, 7])}
+  logits = model(batch, attention_rng=jax.random.key(0))
   assert logits.shape == (2, 5) and np.all(np.isfinite(logits))
 
 
@@ -36,5 +38,5 @@ def test_bad_model_config():
   config = listops.get_config('smoke')
   config.model.pooling = 'max'
   with pytest.raises(ValueError, match='model.pooling'):
-    transformer.build(config.model, config.attention.to_dict(), _task(),
-                      seed=0)
+    step.build_model(config.model, config.attention.to_dict(), _task(),
+                     seed=0)

@@ -18,6 +18,8 @@ import jax
 import pytest
 
 from train import checkpoint as ckpt_lib
+import tasks
+from tasks.heads import classify
 from train import trainer
 from train import writer as writer_lib
 
@@ -68,8 +70,7 @@ def snapshot(directory):
 @pytest.fixture(scope='module')
 def finished(tmp_path_factory, data_dir):
   """A finished smoke run (checkpoints at 3 and 6) to copy from."""
-  import importlib
-  config = importlib.import_module('configs.listops').get_config('smoke')
+  config = tasks.get_config('listops', 'smoke')
   config.data_dir = data_dir
   workdir = str(tmp_path_factory.mktemp('finished') / 'run')
   results = trainer.train_and_evaluate(config, workdir)
@@ -233,14 +234,14 @@ def test_failed_start_does_not_pin_the_workdir(smoke_config, tmp_path):
 def test_nan_before_the_first_checkpoint_pins_nothing(smoke_config, tmp_path,
                                                       monkeypatch):
   workdir = str(tmp_path / 'run')
-  original = trainer.losses
-  monkeypatch.setattr(trainer, 'losses', lambda logits, batch, head: tuple(
-      x * jax.numpy.nan for x in original(logits, batch, head)))
+  original = classify.Head.loss
+  monkeypatch.setattr(classify.Head, 'loss', lambda self, logits, batch: tuple(
+      x * jax.numpy.nan for x in original(self, logits, batch)))
   with pytest.raises(FloatingPointError, match='no checkpoint was written, '
                      'so this --workdir can be reused'):
     trainer.train_and_evaluate(smoke_config(train__learning_rate=1.0),
                                workdir)
-  monkeypatch.setattr(trainer, 'losses', original)
+  monkeypatch.setattr(classify.Head, 'loss', original)
   # The advised fix (a lower learning rate) is accepted in the same workdir,
   # and the records of the failed attempt are gone.
   trainer.train_and_evaluate(smoke_config(), workdir)
@@ -361,8 +362,7 @@ def test_impossible_values_name_the_field(smoke_config, tmp_path, field,
 def test_readme_command_with_fewer_steps_is_valid():
   """The .ci/run form of the README's command: only num_steps lowered, so
   warmup_steps (200) exceeds it; that is allowed (with a warning)."""
-  import importlib
-  config = importlib.import_module('configs.listops').get_config('cpu')
+  config = tasks.get_config('listops', 'cpu')
   config.train.num_steps = 20
   trainer.check_config(config)
 
@@ -446,7 +446,6 @@ def test_records_cover_every_segment(smoke_config, tmp_path):
 
 
 def test_stale_incomplete_data_folders_are_removed(smoke_config, tmp_path):
-  import tasks
   config = smoke_config()
   config.data_dir = str(tmp_path / 'data')
   task = tasks.get(config.task, config.data_dir)

@@ -1,7 +1,8 @@
 """Block-sparse variants `sparse` (Child et al. 2019) and `bigbird` (ITC).
 
 Expected patterns are rebuilt here with plain loops from the papers'
-definitions (as written in attention_variants/sparse.py's docstring) and
+definitions (as written in the docstrings of attention_variants/sparse.py
+and bigbird.py) and
 compared with what the variants compute; the dense reference is
 attention_variants.full with the same mask.
 """
@@ -13,8 +14,10 @@ import numpy as np
 import pytest
 
 import attention_variants as av
+import variant_kit as kit
+from attention_variants import bigbird
+from attention_variants import blocksparse
 from attention_variants import full
-from attention_variants import sparse
 
 ATOL = 1e-5
 # Shapes are tiny, so compiling dominates: skipping XLA's backend (LLVM)
@@ -26,22 +29,15 @@ HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
 
 
 def _inputs(n_q, n_k, batch=3, seed=0):
-  rng = np.random.default_rng(seed)
   # Small scores keep every in-pattern probability far from underflow.
-  q = rng.normal(size=(batch, n_q, HEADS, HEAD_DIM)) * 0.5
-  k = rng.normal(size=(batch, n_k, KV_HEADS, HEAD_DIM)) * 0.5
-  v = rng.normal(size=(batch, n_k, KV_HEADS, HEAD_DIM))
-  return tuple(jnp.asarray(x, jnp.float32) for x in (q, k, v))
+  return kit.inputs(n_q, n_k, batch=batch, heads=HEADS, kv_heads=KV_HEADS,
+                    head_dim=HEAD_DIM, seed=seed, scale=0.5)
 
 
 def _lengths(n_q, n_k):
   """Full rows, partly padded rows, and a row whose keys are all padding."""
   return (jnp.array([n_q, n_q - 5, n_q // 2]),
           jnp.array([n_k, 0, n_k - 7]))
-
-
-def _spec(kind, **params):
-  return {'kind': kind, kind: params}
 
 
 def _expected_mask(pattern, q_lengths, kv_lengths, causal):
@@ -79,7 +75,7 @@ def _bigbird_pattern(n_q, n_k, b, num_global, num_random, seed):
   front = min(-(-num_global // 2), n_blocks)
   back = min(num_global // 2, n_blocks - front)
   is_global = [a < front or a >= n_blocks - back for a in range(n_blocks)]
-  ids, valid = sparse.random_blocks(seed, HEADS, n_blocks, num_global,
+  ids, valid = bigbird.random_blocks(seed, HEADS, n_blocks, num_global,
                                     num_random)
   seen = np.zeros((HEADS, n_blocks, n_blocks), bool)
   for h in range(HEADS):
@@ -97,55 +93,44 @@ def _bigbird_pattern(n_q, n_k, b, num_global, num_random, seed):
   return p
 
 
-def _cotangent(shape):
-  return jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
-
-
 def _with_grads(fn):
   """Jitted (q, k, v) -> (fn's output, its q/k/v gradients): one compile."""
-  def run(q, k, v):
-    out, vjp = jax.vjp(fn, q, k, v)
-    return out, vjp(_cotangent(out.shape))
-  return _jit(run)
+  return lambda q, k, v: kit.outputs_and_grads([fn], q, k, v, jit=_jit)[0]
 
 
 @functools.partial(_jit, static_argnames='causal')
 def _full_reference(q, k, v, q_lengths, kv_lengths, *, causal):
-  def fn(q, k, v):
-    return av.attend(q, k, v, {'kind': 'full', 'implementation': 'reference'},
-                     causal=causal, q_lengths=q_lengths, kv_lengths=kv_lengths)
-  out, vjp = jax.vjp(fn, q, k, v)
-  return out, vjp(_cotangent(out.shape))
+  fn = lambda q, k, v: kit.reference(q, k, v, causal=causal,
+                                     q_lengths=q_lengths,
+                                     kv_lengths=kv_lengths)
+  return kit.outputs_and_grads([fn], q, k, v, jit=lambda f: f)[0]
 
 
 def _assert_close(got, want):
-  (out, grads), (out_ref, grads_ref) = got, want
-  np.testing.assert_allclose(out, out_ref, atol=ATOL)
-  for g, g_ref in zip(grads, grads_ref):
-    assert np.isfinite(np.asarray(g)).all()
-    np.testing.assert_allclose(g, g_ref, atol=ATOL)
+  kit.assert_close(got, want, atol=ATOL, rtol=1e-7)
 
 
 # Dense limits whose computation uses every part of the variant.
 DENSE_LIMITS = [
     # Every position is a summary position (c = l).
-    _spec('sparse', pattern='fixed', block_size=4, num_summary=4),
+    kit.spec('sparse', pattern='fixed', block_size=4, num_summary=4),
     # Stride 1: every key is on the stride (the column part sees them all).
-    _spec('sparse', pattern='strided', block_size=1),
+    kit.spec('sparse', pattern='strided', block_size=1),
     # 10 blocks, 2 global: a middle block has at most 6 non-global blocks
     # outside its window, so 6 random blocks take all of them.
-    _spec('bigbird', block_size=2, num_global=2, num_random=6),
+    kit.spec('bigbird', block_size=2, num_global=2, num_random=6),
 ]
 
 # Dense limits where the blocks cover the whole sequence.
 COVERING_LIMITS = [
-    _spec('sparse', pattern='fixed', block_size=32, num_summary=4),
-    _spec('sparse', pattern='strided', block_size=19),
-    _spec('bigbird', block_size=8, num_random=0),  # 3 blocks of 8 for 20
-    _spec('bigbird', block_size=4, num_global=5, num_random=0),  # all global
+    kit.spec('sparse', pattern='fixed', block_size=32, num_summary=4),
+    kit.spec('sparse', pattern='strided', block_size=19),
+    kit.spec('bigbird', block_size=8, num_random=0),  # 3 blocks of 8 for 20
+    # All blocks global:
+    kit.spec('bigbird', block_size=4, num_global=5, num_random=0),
     # Blocks longer than the sequence: one block, clamped to it.
-    _spec('sparse', pattern='strided', block_size=64),
-    _spec('bigbird', block_size=64),
+    kit.spec('sparse', pattern='strided', block_size=64),
+    kit.spec('bigbird', block_size=64),
 ]
 
 
@@ -178,22 +163,23 @@ def test_dense_limit_when_blocks_cover_the_sequence(spec):
 
 # (spec, n_q, n_k, expected pattern [heads, n_q, n_k])
 PATTERNS = [
-    pytest.param(_spec('sparse', pattern='fixed', block_size=8, num_summary=2),
+    pytest.param(kit.spec('sparse', pattern='fixed', block_size=8,
+                          num_summary=2),
                  37, 37, lambda nq, nk: _fixed_pattern(nq, nk, 8, 2),
                  id='fixed-l8-c2'),
-    pytest.param(_spec('sparse', pattern='strided', block_size=4), 30, 37,
+    pytest.param(kit.spec('sparse', pattern='strided', block_size=4), 30, 37,
                  lambda nq, nk: _strided_pattern(nq, nk, 4),
                  id='strided-l4-q30-k37'),
-    pytest.param(_spec('bigbird', block_size=4, num_global=2, num_random=2,
-                       seed=3), 45, 45,
+    pytest.param(kit.spec('bigbird', block_size=4, num_global=2, num_random=2,
+                          seed=3), 45, 45,
                  lambda nq, nk: _bigbird_pattern(nq, nk, 4, 2, 2, 3),
                  id='bigbird-b4-g2-r2'),
-    pytest.param(_spec('bigbird', block_size=3, num_global=1, num_random=3,
-                       seed=0), 37, 30,
+    pytest.param(kit.spec('bigbird', block_size=3, num_global=1, num_random=3,
+                          seed=0), 37, 30,
                  lambda nq, nk: _bigbird_pattern(nq, nk, 3, 1, 3, 0),
                  id='bigbird-b3-g1-r3-q37-k30'),
-    pytest.param(_spec('bigbird', block_size=4, num_global=0, num_random=1,
-                       seed=7), 37, 37,
+    pytest.param(kit.spec('bigbird', block_size=4, num_global=0, num_random=1,
+                          seed=7), 37, 37,
                  lambda nq, nk: _bigbird_pattern(nq, nk, 4, 0, 1, 7),
                  id='bigbird-b4-g0-r1'),
 ]
@@ -230,9 +216,9 @@ def test_loop_over_query_block_groups_changes_nothing(spec, n_q, n_k, pattern,
   # A new jitted function per setting: SEGMENT_ROWS is read when tracing.
   fn = lambda: _with_grads(lambda q, k, v: av.attend(
       q, k, v, spec, causal=True, q_lengths=ql, kv_lengths=kl))(q, k, v)
-  monkeypatch.setattr(sparse, 'SEGMENT_ROWS', 10**6)
+  monkeypatch.setattr(blocksparse, 'SEGMENT_ROWS', 10**6)
   one_group = fn()
-  monkeypatch.setattr(sparse, 'SEGMENT_ROWS',
+  monkeypatch.setattr(blocksparse, 'SEGMENT_ROWS',
                       2 * spec[spec['kind']]['block_size'])
   _assert_close(fn(), one_group)
 
@@ -241,7 +227,7 @@ def test_reference_implementation_is_dense_attention_under_the_pattern():
   n_q, n_k = 30, 37
   q, k, v = _inputs(n_q, n_k)
   ql, kl = _lengths(n_q, n_k)
-  spec = _spec('sparse', pattern='strided', block_size=4)
+  spec = kit.spec('sparse', pattern='strided', block_size=4)
   spec['implementation'] = 'reference'
   expected = _expected_mask(_strided_pattern(n_q, n_k, 4), ql, kl, True)
   out = _jit(lambda q, k, v: av.attend(
@@ -252,7 +238,7 @@ def test_reference_implementation_is_dense_attention_under_the_pattern():
 
 def test_bigbird_random_blocks_avoid_window_and_global_blocks():
   n_blocks, num_global, num_random = 24, 3, 4
-  ids, valid = sparse.random_blocks(5, HEADS, n_blocks, num_global,
+  ids, valid = bigbird.random_blocks(5, HEADS, n_blocks, num_global,
                                     num_random)
   front, back = 2, 1  # ceil(3 / 2) leading, floor(3 / 2) trailing
   assert ids.shape == (HEADS, n_blocks - front - back, num_random)
@@ -268,24 +254,24 @@ def test_bigbird_random_blocks_avoid_window_and_global_blocks():
 
 
 def test_bigbird_random_blocks_take_all_candidates_when_too_few():
-  ids, valid = sparse.random_blocks(0, 1, 7, 2, 9)  # middle blocks 1..5
+  ids, valid = bigbird.random_blocks(0, 1, 7, 2, 9)  # middle blocks 1..5
   for row, a in enumerate(range(1, 6)):
     picked = set(ids[0, row][valid[0, row]].tolist())
     assert picked == {m for m in range(1, 6) if abs(m - a) > 1}
 
 
 def test_bigbird_random_blocks_fixed_per_seed_and_differ_across_heads():
-  first = sparse.random_blocks(11, HEADS, 32, 2, 3)[0]
-  sparse.random_blocks.cache_clear()
-  np.testing.assert_array_equal(first, sparse.random_blocks(11, HEADS, 32, 2,
+  first = bigbird.random_blocks(11, HEADS, 32, 2, 3)[0]
+  bigbird.random_blocks.cache_clear()
+  np.testing.assert_array_equal(first, bigbird.random_blocks(11, HEADS, 32, 2,
                                                             3)[0])
   assert any((first[h] != first[0]).any() for h in range(1, HEADS))
-  assert (first != sparse.random_blocks(12, HEADS, 32, 2, 3)[0]).any()
+  assert (first != bigbird.random_blocks(12, HEADS, 32, 2, 3)[0]).any()
 
 
 def test_bigbird_ignores_rng_and_its_heads_differ():
   q, k, v = _inputs(64, 64, batch=1)
-  spec = _spec('bigbird', block_size=4, num_random=2, seed=1)
+  spec = kit.spec('bigbird', block_size=4, num_random=2, seed=1)
   weights = _jit(lambda rng: av.attention_weights(q, k, v, spec, rng=rng))
   w = np.asarray(weights(jax.random.PRNGKey(0)))
   np.testing.assert_array_equal(w, weights(jax.random.PRNGKey(1)))
@@ -295,7 +281,7 @@ def test_bigbird_ignores_rng_and_its_heads_differ():
 
 def test_bfloat16_inputs_give_bfloat16_outputs():
   q, k, v = _inputs(24, 24, batch=1)
-  spec = _spec('sparse', pattern='strided', block_size=4)
+  spec = kit.spec('sparse', pattern='strided', block_size=4)
   attend = _jit(lambda q, k, v: av.attend(q, k, v, spec, causal=True))
   out = attend(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
   assert out.dtype == jnp.bfloat16
@@ -317,7 +303,7 @@ def test_bfloat16_inputs_give_bfloat16_outputs():
     ('bigbird', {'seed': True}, 'attention.bigbird.seed'),
 ])
 def test_bad_parameters_raise_value_error(kind, params, message):
-  spec = _spec(kind, **params)
+  spec = kit.spec(kind, **params)
   with pytest.raises(ValueError, match=message):
     av.validate(spec)
   q, k, v = _inputs(8, 8, batch=1)
@@ -326,5 +312,5 @@ def test_bad_parameters_raise_value_error(kind, params, message):
 
 
 def test_strided_ignores_num_summary():
-  av.validate(_spec('sparse', pattern='strided', block_size=4,
+  av.validate(kit.spec('sparse', pattern='strided', block_size=4,
                     num_summary=64))

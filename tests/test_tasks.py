@@ -10,20 +10,15 @@ import numpy as np
 import pytest
 
 import tasks
-from configs import copy as copy_config
-from configs import listops as listops_config
-from configs import mqar as mqar_config
 from tasks import copy as copy_task
 from tasks import listops
 from tasks import mqar
 
 SMALL = dict(num_train=96, num_validation=32, num_test=32)
-CONFIGS = {'listops': listops_config, 'mqar': mqar_config,
-           'copy': copy_config}
 
 
 def task_config(name, preset='smoke', **overrides):
-  c = CONFIGS[name].get_config(preset).task
+  c = tasks.get_config(name, preset).task
   c.update(overrides)
   return c
 
@@ -56,29 +51,37 @@ def any_difference(a, b):
 
 
 @pytest.fixture(scope='module')
-def listops_data(tmp_path_factory):
-  c = small_config('listops')
-  task = tasks.get(c, str(tmp_path_factory.mktemp('listops')))
-  return c, task, all_splits(task)
+def generated(tmp_path_factory):
+  """name -> (small task config, task, all its splits), generated once."""
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      c = small_config(name)
+      task = tasks.get(c, str(tmp_path_factory.mktemp(name)))
+      cache[name] = c, task, all_splits(task)
+    return cache[name]
+  return get
 
 
 @pytest.fixture(scope='module')
-def mqar_data(tmp_path_factory):
-  c = small_config('mqar')
-  task = tasks.get(c, str(tmp_path_factory.mktemp('mqar')))
-  return c, task, all_splits(task)
+def listops_data(generated):
+  return generated('listops')
 
 
 @pytest.fixture(scope='module')
-def copy_data(tmp_path_factory):
-  c = small_config('copy')
-  task = tasks.get(c, str(tmp_path_factory.mktemp('copy')))
-  return c, task, all_splits(task)
+def mqar_data(generated):
+  return generated('mqar')
 
 
-@pytest.mark.parametrize('name', ['listops', 'mqar', 'copy'])
-def test_task_data_is_deterministic_from_the_seed(tmp_path, request, name):
-  c, _, data = request.getfixturevalue(f'{name}_data')
+@pytest.fixture(scope='module')
+def copy_data(generated):
+  return generated('copy')
+
+
+@pytest.mark.parametrize('name', tasks.NAMES)
+def test_task_data_is_deterministic_from_the_seed(tmp_path, generated, name):
+  c, _, data = generated(name)
   assert_same_data(data, all_splits(tasks.get(c, str(tmp_path / 'a'))))
   other = all_splits(tasks.get(small_config(name, data_seed=1),
                                str(tmp_path / 'b')))
@@ -88,19 +91,22 @@ def test_task_data_is_deterministic_from_the_seed(tmp_path, request, name):
 # Registry and configs.
 
 def test_registry_names_every_task():
-  assert tasks.NAMES == ('listops', 'mqar', 'copy')
-  assert set(tasks.TASKS) == set(CONFIGS)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for name in tasks.NAMES:
+    module = tasks.config_module(name)
+    assert os.path.isfile(os.path.join(root, *module.split('.')) + '.py')
+    assert tasks.get_config(name).task.name == name
 
 
 def test_unknown_task_lists_valid_ones(tmp_path):
   c = task_config('listops')
   c.name = 'nope'
   with pytest.raises(ValueError, match="unknown task 'nope'; valid tasks: "
-                     'listops, mqar, copy'):
+                     + ', '.join(tasks.NAMES)):
     tasks.get(c, str(tmp_path))
 
 
-@pytest.mark.parametrize('name', list(CONFIGS))
+@pytest.mark.parametrize('name', tasks.NAMES)
 @pytest.mark.parametrize('preset', ['smoke', 'cpu', 'lra'])
 def test_presets_make_tasks_without_generating(tmp_path, name, preset):
   # make() only checks parameters; data is written on the first source().

@@ -32,6 +32,7 @@ from absl import logging
 from flax import nnx
 
 from train import writer as writer_lib
+from utils import paths
 
 # Config fields that may differ between a run and its resumption: they steer
 # the run (where the data lives, how often it logs and checkpoints) or how it
@@ -52,21 +53,9 @@ class CheckpointError(ValueError):
   """No checkpoint of a kind restores (a user-facing error)."""
 
 
-def flatten(d: dict, prefix: str = '') -> dict:
-  """{'a.b': v} of a nested dict (any mapping with .items())."""
-  out = {}
-  for k, v in d.items():
-    key = f'{prefix}{k}'
-    if hasattr(v, 'items'):
-      out.update(flatten(v, key + '.'))
-    else:
-      out[key] = v
-  return out
-
-
 def config_differences(old: dict, new: dict) -> list[str]:
   """Fields (other than run-control ones) whose values differ."""
-  a, b = flatten(old), flatten(new)
+  a, b = paths.flatten(old), paths.flatten(new)
   keys = sorted(set(a) | set(b))
   return [f'{k}: {a.get(k, "<absent>")!r} -> {b.get(k, "<absent>")!r}'
           for k in keys if k not in RUN_CONTROL_FIELDS and a.get(k) != b.get(k)]

@@ -3,8 +3,10 @@
 Training batch i is a pure function of (source, batch size, seed, i): the
 shuffled, repeated and batched grain MapDataset is indexed by step, so a run
 resumed at step s sees exactly the batches an uninterrupted run would (each
-epoch is reshuffled). Evaluation walks a split in order, padding the last
-batch to the fixed batch size with weight-0 rows so nothing recompiles.
+epoch is reshuffled). Evaluation walks a split in order in batches of one
+fixed size, so nothing recompiles: the last batch is filled up with copies
+of its last row, and the caller keeps only the first `real` rows of what
+comes back.
 """
 from __future__ import annotations
 

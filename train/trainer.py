@@ -1,7 +1,8 @@
 """train_and_evaluate(config, workdir): the training loop of every run.
 
-Builds the task, model and optimizer; compiles the train step once (AOT, so
-its FLOPs and memory are read off the same executable that trains); resumes
+Builds the task and, through train/step.py, the model (encoder + the task's
+head), optimizer and compiled steps (AOT, so FLOPs and memory are read off
+the executables that run); checks they fit in memory; resumes
 from the latest checkpoint; logs progress, metrics.jsonl and TensorBoard;
 evaluates on validation every `eval_every` steps, keeping the best
 checkpoint; evaluates that checkpoint on test; writes results.json.
@@ -12,28 +13,25 @@ ends with the same metrics as an uninterrupted one.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import signal
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import ml_collections
-import optax
+import numpy as np
 from absl import logging
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import attention_variants as av
 import tasks
-from evaluate import metrics as metrics_lib
-from evaluate import profile
-from models import transformer
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
+from train import profile
+from train import step as step_lib
 from train import writer as writer_lib
+from utils import progress as progress_lib
 
 
 def default_data_dir(config) -> str:
@@ -118,94 +116,6 @@ def prepare_workdir(workdir: str) -> None:
   prepare_dir(workdir, '--workdir')
 
 
-def make_optimizer(t):
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, t.learning_rate, t.warmup_steps, max(t.num_steps, t.warmup_steps + 1))
-  chain = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
-  chain.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps,
-                           weight_decay=t.weight_decay))
-  return optax.chain(*chain), schedule
-
-
-def losses(logits, batch, head):
-  """(per-example loss, per-example weight) for either head."""
-  if head == 'classify':
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
-    return ce, jnp.ones_like(ce)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
-  w = batch['weights']
-  return (ce * w).sum(-1), w.sum(-1)
-
-
-def make_train_step(graphdef, head, accum_steps: int = 1):
-  """step(state, batch, key) -> (state, {'loss', 'grad_norm'}).
-
-  With accum_steps > 1 the batch is split into that many micro-batches run
-  one after another (a scan): the gradient is the same weighted mean over
-  the whole batch, the memory that of one micro-batch; micro-batch i draws
-  dropout from fold_in(dropout key, i).
-  """
-  def step(state, batch, step_key):
-    model, opt = nnx.merge(graphdef, state)
-    attention_key, dropout_key = jax.random.split(step_key)
-    if accum_steps == 1:
-      def loss_fn(model):
-        logits = model(batch['inputs'], batch['length'],
-                       attention_rng=attention_key, dropout_rng=dropout_key)
-        loss, weight = losses(logits, batch, head)
-        return loss.sum() / jnp.maximum(weight.sum(), 1.0)
-      loss, grads = nnx.value_and_grad(loss_fn)(model)
-    else:
-      loss, grads = _accumulated_grads(model, batch, head, accum_steps,
-                                       attention_key, dropout_key)
-    grad_norm = optax.tree.norm(grads)
-    opt.update(model, grads)
-    return nnx.state((model, opt)), {'loss': loss, 'grad_norm': grad_norm}
-  return step
-
-
-def _accumulated_grads(model, batch, head, accum_steps, attention_key,
-                       dropout_key):
-  """(mean loss, its gradient) over the batch, one micro-batch at a time."""
-  model_def, params, rest = nnx.split(model, nnx.Param, ...)
-  micro = jax.tree.map(
-      lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps,
-                          *x.shape[1:]), batch)
-
-  def sums(params, mb, key):
-    m = nnx.merge(model_def, params, rest)
-    logits = m(mb['inputs'], mb['length'], attention_rng=attention_key,
-               dropout_rng=key)
-    loss, weight = losses(logits, mb, head)
-    return loss.sum(), weight.sum()
-
-  def body(carry, xs):
-    grads, loss_sum, weight_sum = carry
-    mb, i = xs
-    (l, w), g = jax.value_and_grad(sums, has_aux=True)(
-        params, mb, jax.random.fold_in(dropout_key, i))
-    return (jax.tree.map(jnp.add, grads, g), loss_sum + l,
-            weight_sum + w), None
-
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  (grads, loss_sum, weight_sum), _ = jax.lax.scan(
-      body, (zeros, jnp.float32(0), jnp.float32(0)),
-      (micro, jnp.arange(accum_steps)))
-  norm = jnp.maximum(weight_sum, 1.0)
-  return loss_sum / norm, jax.tree.map(lambda g: g / norm, grads)
-
-
-def make_eval_step(graphdef, head):
-  def step(state, batch, attention_key):
-    model, _ = nnx.merge(graphdef, state)
-    logits = model(batch['inputs'], batch['length'],
-                   attention_rng=attention_key)
-    loss, weight = losses(logits, batch, head)
-    return {'predictions': jnp.argmax(logits, -1), 'loss': loss,
-            'weight': weight}
-  return step
-
-
 class Preempted(Exception):
   """A SIGTERM stopped the run after it saved a checkpoint (not an error:
   rerunning the same command resumes)."""
@@ -249,18 +159,13 @@ class Trainer:
     ckpt_lib.claim_workdir(workdir, self.cfg_dict)
     self.task = tasks.get(config.task, data_dir)
     self.spec = config.attention.to_dict()
-    model = transformer.build(config.model, self.spec, self.task,
-                              seed=config.seed)
-    tx, self.schedule = make_optimizer(config.train)
-    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    self.graphdef, self.state = nnx.split((model, opt))
-    self.num_params = sum(int(np.prod(x.shape)) for x in
-                          jax.tree.leaves(nnx.state(model, nnx.Param)))
+    self.setup = step_lib.build(config.model, self.spec, self.task,
+                                config.train, seed=config.seed)
     mesh = jax.make_mesh((jax.device_count(),), ('data',),
                          axis_types=(jax.sharding.AxisType.Auto,))
     self.replicated = NamedSharding(mesh, P())
     self.data_sharding = NamedSharding(mesh, P('data'))
-    self.state = jax.device_put(self.state, self.replicated)
+    self.state = jax.device_put(self.setup.state, self.replicated)
     self.train_ds = data_lib.train_batches(
         self.task.source('train'), config.train.batch_size, config.seed)
     self.eval_batch_size = (config.train.eval_batch_size
@@ -283,25 +188,23 @@ class Trainer:
   def compile(self):
     """Compiles the train and eval steps (ahead of time) and checks that
     they fit in the memory available, before any step runs."""
+    setup = dataclasses.replace(self.setup, state=self.state)
     example = self._batch(self.train_ds[0])
     key = jax.random.fold_in(self.base_key, 0)
     t0 = time.time()
-    lowered = jax.jit(make_train_step(self.graphdef, self.task.head,
-                                      grad_accum_steps(self.config)),
-                      donate_argnums=0).lower(self.state, example, key)
-    self.train_step = lowered.compile()
+    self.train_step = step_lib.compile_train(
+        setup, example, key, accum_steps=grad_accum_steps(self.config))
     logging.info('compiled train step in %.1fs', time.time() - t0)
     eval_example = next(data_lib.eval_batches(self.task.source('validation'),
                                               self.eval_batch_size))[0]
-    self.eval_step = jax.jit(make_eval_step(
-        self.graphdef, self.task.head)).lower(
-            self.state, self._batch(eval_example), self.eval_key).compile()
+    self.eval_step = step_lib.compile_eval(setup, self._batch(eval_example),
+                                           self.eval_key)
     train_memory = profile.compiled_memory(self.train_step)
     self._check_fits(train_memory['peak_bytes'], 'train step')
     self._check_fits(profile.compiled_memory(self.eval_step)['peak_bytes'],
                      'eval step')
     self.compute = {
-        'params': self.num_params,
+        'params': self.setup.num_params,
         'seq_len': self.task.seq_len,
         'batch_size': self.config.train.batch_size,
         'device': profile.device_kind(),
@@ -324,7 +227,7 @@ class Trainer:
 
   def evaluate(self, state, split: str) -> tuple[dict, float]:
     """(metrics of `state` on a split, examples/s of the eval loop)."""
-    preds, losses_, weights, labels, targets = [], [], [], [], []
+    arrays = {}
     t0, n = time.time(), 0
     source = self.task.source(split)
     logging.info('evaluating on %s (%d examples)', split, len(source))
@@ -332,30 +235,17 @@ class Trainer:
       out = jax.device_get(self.eval_step(state, self._batch(batch),
                                           self.eval_key))
       n += real
-      preds.append(out['predictions'][:real])
-      losses_.append(out['loss'][:real])
-      weights.append(out['weight'][:real])
-      if self.task.head == 'classify':
-        labels.append(batch['label'][:real])
-      else:
-        labels.append(batch['targets'][:real])
-        targets.append(batch['weights'][:real])
+      for name, value in out.items():
+        arrays.setdefault(name, []).append(value[:real])
     seconds = time.time() - t0
-    preds = np.concatenate(preds)
-    loss = float(np.concatenate(losses_).sum()
-                 / max(np.concatenate(weights).sum(), 1.0))
-    if self.task.head == 'classify':
-      m = metrics_lib.classification_metrics(np.concatenate(labels), preds,
-                                             self.task.num_classes)
-    else:
-      m = metrics_lib.position_accuracy(np.concatenate(labels), preds,
-                                        np.concatenate(targets))
-    m['loss'] = loss
+    arrays = {name: np.concatenate(parts) for name, parts in arrays.items()}
+    m = dict(self.setup.head.metrics(arrays))
+    m['loss'] = float(arrays['loss'].sum() / max(arrays['weight'].sum(), 1.0))
     return m, n / max(seconds, 1e-9)
 
   # -- the loop --------------------------------------------------------------
 
-  def _restore(self):
+  def restore(self):
     restored = self.ckpts.restore_latest(self.state)
     if restored is None:
       return 0, {'best_step': -1, 'best_accuracy': -1.0, 'validation': {}}
@@ -424,7 +314,7 @@ class Trainer:
   def _run(self, max_steps_this_run):
     t_start = time.time()
     cfg = self.config.train
-    step, meta = self._restore()
+    step, meta = self.restore()
     done = self.finished_results(step)
     if done is not None:
       logging.info('%s finished at step %d already: nothing to train; '
@@ -489,7 +379,7 @@ class Trainer:
         return None
       totals['train_seconds'] += train_time
       totals['train_steps'] += train_steps
-      return self._finish(step, meta, totals, t_start)
+      return self.finish(step, meta, totals, t_start)
     finally:
       signal.signal(signal.SIGTERM, previous)
       self.writer.close()
@@ -500,15 +390,16 @@ class Trainer:
     loss = window['loss_sum'] / max(window['steps'], 1)
     total = self.config.train.num_steps
     eta = (total - step) / max(steps_per_sec, 1e-9)
-    lr = float(self.schedule(step))
+    lr = float(self.setup.schedule(step))
     logging.info('step %d/%d | loss %.4f | %.2f steps/s | lr %.2e | ETA %s',
-                 step, total, loss, steps_per_sec, lr, format_duration(eta))
+                 step, total, loss, steps_per_sec, lr,
+                 progress_lib.format_duration(eta))
     self.writer.write(step, {'train/loss': loss,
                              'train/grad_norm': float(last['grad_norm']),
                              'train/learning_rate': lr,
                              'train/steps_per_sec': steps_per_sec})
 
-  def _finish(self, step, meta, totals, t_start):
+  def finish(self, step, meta, totals, t_start):
     """Tests the best checkpoint and writes results.json.
 
     totals: the run's training seconds and steps and the wall seconds of
@@ -561,13 +452,6 @@ def attention_summary(spec: dict) -> dict:
           **spec.get(kind, {})}
 
 
-def format_duration(seconds: float) -> str:
-  seconds = int(seconds)
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
-
-
 def train_and_evaluate(config, workdir: str, *,
                        max_steps_this_run: int | None = None) -> dict | None:
   """Trains and evaluates one run; returns results.json's content when done.
@@ -601,7 +485,7 @@ def evaluate_run(workdir: str) -> dict:
     writer_lib.read_json_object(results_path, "this run's results")
   trainer = Trainer(config, workdir)
   try:
-    step, meta = trainer._restore()
+    step, meta = trainer.restore()
     if step < config.train.num_steps:
       raise ValueError(f'--workdir={workdir} is at step {step} of '
                        f'{config.train.num_steps}; finish training it first '
@@ -611,6 +495,6 @@ def evaluate_run(workdir: str) -> dict:
     totals['wall_seconds'] = totals.get('wall_seconds', 0.0)
     totals.setdefault('train_seconds', 0.0)
     totals.setdefault('train_steps', 0)
-    return trainer._finish(step, meta, totals, time.time())
+    return trainer.finish(step, meta, totals, time.time())
   finally:
     trainer.ckpts.close()

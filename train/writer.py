@@ -10,6 +10,7 @@ records an uninterrupted run writes. TensorBoard is told the same
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -45,12 +46,22 @@ def read_json_object(path: str, what: str) -> dict:
   return data
 
 
+@contextlib.contextmanager
+def atomic_path(path: str):
+  """Yields a temporary path to write; renamed to `path` when the block
+  ends without error, so a reader never sees half a file."""
+  tmp = f'{path}.tmp.{os.getpid()}'
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def write_text_atomic(path: str, text: str) -> None:
-  """Writes via a temporary file and a rename: never half a file."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
+  with atomic_path(path) as tmp, open(tmp, 'w') as f:
     f.write(text)
-  os.replace(tmp, path)
 
 
 def write_json_atomic(path: str, obj) -> None:

@@ -1,0 +1,81 @@
+"""What the attention-variant tests share: random inputs, the dense
+reference, outputs with their gradients, and the closeness check.
+
+    import variant_kit as kit
+    q, k, v = kit.inputs(21, 21, batch=4, heads=4, kv_heads=2, head_dim=8)
+    got, want = kit.outputs_and_grads([variant_fn, kit.reference_fn(...)],
+                                      q, k, v)
+    kit.assert_close(got, want, atol=1e-5)
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import attention_variants as av
+
+# Dense softmax attention with a float32 softmax: what every variant equals
+# in its limit.
+REFERENCE = {'kind': 'full', 'implementation': 'reference'}
+
+
+def spec(kind: str, implementation: str | None = None, **params) -> dict:
+  out = {'kind': kind, kind: params}
+  if implementation is not None:
+    out['implementation'] = implementation
+  return out
+
+
+def inputs(n_q: int, n_k: int, *, batch: int, heads: int, kv_heads: int,
+           head_dim: int, seed: int = 0, scale: float = 1.0,
+           dtype=jnp.float32):
+  """q [batch, n_q, heads, d], k and v [batch, n_k, kv_heads, d]: standard
+  normals (q and k times `scale`), drawn with numpy, so no PRNG program is
+  compiled for every shape."""
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(batch, n_q, heads, head_dim)) * scale
+  k = rng.normal(size=(batch, n_k, kv_heads, head_dim)) * scale
+  v = rng.normal(size=(batch, n_k, kv_heads, head_dim))
+  return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def cotangent(shape, seed: int = 1, dtype=jnp.float32):
+  """A fixed random output cotangent: gradients of <out, cotangent>."""
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
+
+
+def reference(q, k, v, **kw):
+  """Dense reference output; kw as av.attend's (causal, lengths)."""
+  return av.attend(q, k, v, REFERENCE, **kw)
+
+
+def outputs_and_grads(fns, q, k, v, *, seed: int = 1, jit=jax.jit):
+  """[(fn(q, k, v), (dq, dk, dv)) for fn in fns] with one fixed random
+  cotangent, all in one compiled program (far cheaper on a small CPU than
+  eager mode, which compiles every primitive)."""
+  shape = jax.eval_shape(fns[0], q, k, v)
+  ct = cotangent(shape.shape, seed, shape.dtype)
+
+  def run(q, k, v):
+    results = []
+    for fn in fns:
+      out, pullback = jax.vjp(fn, q, k, v)
+      results.append((out, pullback(ct)))
+    return results
+  return jit(run)(q, k, v)
+
+
+def assert_close(got, want, *, atol: float, rtol: float = 0.0):
+  """Arrays, or (output, gradients) pairs, equal within tolerance; every
+  gradient finite."""
+  if isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], tuple):
+    (out, grads), (want_out, want_grads) = got, want
+    assert_close(out, want_out, atol=atol, rtol=rtol)
+    for name, g, w in zip('qkv', grads, want_grads):
+      assert np.isfinite(np.asarray(g)).all(), f'non-finite d{name}'
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=atol,
+                                 rtol=rtol, err_msg=f'd{name}')
+    return
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=atol,
+                             rtol=rtol)
