@@ -8,9 +8,11 @@ line:
 
 Each attempt is `main.py` in its own process, as a scheduler would restart
 it. Kill points: while the data is generated (first attempt, fresh data
-dir), at a uniformly random time, during validation, right after a
-checkpoint step's progress line (while orbax writes it), and during the
-final test evaluation. Afterwards the run's results.json metrics and
+dir), at a random time a few steps after the attempt resumed (wherever that
+lands: a train step, a validation, a checkpoint being written), during
+validation, right after a checkpoint step's progress line (while orbax
+writes it), and during the final test evaluation. The run is long enough
+(25 steps per kill) that no kill comes after it has finished. Afterwards the run's results.json metrics and
 metrics.jsonl (timing fields aside) must equal the uninterrupted run's, no
 checkpoint may have been found corrupt, and no stale `incomplete.*` data
 folder may be left.
@@ -36,11 +38,10 @@ TIMING = ('train/steps_per_sec', 'validation/examples_per_sec')
 
 # listops smoke, longer, with validation and test sets large enough that a
 # kill can land inside them.
-NUM_STEPS, CHECKPOINT_EVERY = 100, 10
-OVERRIDES = [f'--config.train.num_steps={NUM_STEPS}',
-             '--config.train.eval_every=20',
+CHECKPOINT_EVERY, LOG_EVERY = 10, 5
+OVERRIDES = ['--config.train.eval_every=20',
              f'--config.train.checkpoint_every={CHECKPOINT_EVERY}',
-             '--config.train.log_every=5',
+             f'--config.train.log_every={LOG_EVERY}',
              '--config.train.eval_batch_size=8', '--config.model.dropout=0.1',
              '--config.task.num_train=2000', '--config.task.num_validation=400',
              '--config.task.num_test=400']
@@ -49,25 +50,25 @@ OVERRIDES = [f'--config.train.num_steps={NUM_STEPS}',
 PHASES = {
     'generation': 'Downloading and preparing dataset',
     'validation': 'evaluating on validation',
-    'checkpoint': '| loss ',           # progress line of a checkpoint step
+    'checkpoint': '| loss ',           # a progress line (of a checkpoint step)
     'test': 'evaluating on test',
 }
 
 
-def command(workdir: str, data_dir: str) -> list[str]:
+def command(workdir: str, data_dir: str, num_steps: int) -> list[str]:
   return [sys.executable, 'main.py', '--config=configs/listops.py:smoke',
-          f'--workdir={workdir}', f'--config.data_dir={data_dir}', *OVERRIDES]
+          f'--workdir={workdir}', f'--config.data_dir={data_dir}',
+          f'--config.train.num_steps={num_steps}', *OVERRIDES]
 
 
 class Attempt:
   """One process of the run; `wait_for(phase)` blocks until its line."""
 
-  def __init__(self, workdir, data_dir):
+  def __init__(self, workdir, data_dir, num_steps):
     self.proc = subprocess.Popen(
-        command(workdir, data_dir), cwd=ROOT, stdout=subprocess.PIPE,
+        command(workdir, data_dir, num_steps), cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, bufsize=1)
     self.lines: list[str] = []
-    self.times: list[float] = []
     self._cond = threading.Condition()
     self._reader = threading.Thread(target=self._read, daemon=True)
     self._reader.start()
@@ -76,35 +77,27 @@ class Attempt:
     for line in self.proc.stdout:
       with self._cond:
         self.lines.append(line)
-        self.times.append(time.time())
         self._cond.notify_all()
     with self._cond:
       self._cond.notify_all()
 
   def wait_for(self, text: str, timeout: float = 300.0,
-               at_step_multiple: int | None = None) -> bool:
-    """True once a line containing text (at a step that is a multiple of
-    at_step_multiple, for progress lines) appeared; False if the process
-    ended first."""
+               step_ok=lambda step: True) -> bool:
+    """True once a line containing text (whose progress step passes
+    step_ok, for progress lines) appeared; False if the process ended
+    first."""
     deadline = time.time() + timeout
     seen = 0
     with self._cond:
       while time.time() < deadline:
         for line in self.lines[seen:]:
-          if text in line and (at_step_multiple is None or
-                               _progress_step(line) % at_step_multiple == 0):
+          if text in line and step_ok(_progress_step(line)):
             return True
         seen = len(self.lines)
         if self.proc.poll() is not None and not self._reader.is_alive():
           return False
         self._cond.wait(0.05)
     return False
-
-  def time_of(self, text: str) -> float | None:
-    for t, line in zip(self.times, self.lines):
-      if text in line:
-        return t
-    return None
 
   def resumed_step(self) -> int:
     for line in self.lines:
@@ -170,26 +163,25 @@ def drill(kills: int = 6, seed: int = 0, root: str | None = None,
   ref_data, run_data = os.path.join(root, 'data_ref'), os.path.join(
       root, 'data_run')
   t0 = time.time()
-  ref = Attempt(ref_dir, ref_data)
+  num_steps = 25 * max(kills, 4)
+  ref = Attempt(ref_dir, ref_data, num_steps)
   assert ref.finish() == 0, ref.text()[-3000:]
-  # Seconds from the compiled step to the test evaluation: where training,
-  # validation and checkpointing happen.
-  window = ref.time_of(PHASES['test']) - ref.time_of('compiled train step')
-  log(f'reference run: {time.time() - t0:.1f} s, {window:.1f} s of it '
-      'training')
+  log(f'reference run: {num_steps} steps, {time.time() - t0:.1f} s')
 
   done = {'killed': [], 'missed': [], 'attempts': 0}
   for phase in plan(kills, rng):
-    attempt = Attempt(run_dir, run_data)
+    attempt = Attempt(run_dir, run_data, num_steps)
     done['attempts'] += 1
-    if phase == 'random':  # somewhere in what is left of the training
+    if phase == 'random':  # a random time a few log steps after resuming
       hit = attempt.wait_for('compiled train step')
-      left = (NUM_STEPS - attempt.resumed_step()) / NUM_STEPS
-      time.sleep(rng.uniform(0.0, window * left))
+      target = attempt.resumed_step() + LOG_EVERY * rng.randint(1, 3)
+      hit = hit and attempt.wait_for(PHASES['checkpoint'],
+                                     step_ok=lambda s: s >= target)
+      time.sleep(rng.uniform(0.0, 0.3))
     else:
       hit = attempt.wait_for(
-          PHASES[phase], at_step_multiple=CHECKPOINT_EVERY
-          if phase == 'checkpoint' else None)
+          PHASES[phase], step_ok=lambda s: s % CHECKPOINT_EVERY == 0
+          if phase == 'checkpoint' else True)
       if hit and phase != 'checkpoint':
         time.sleep(rng.uniform(0.0, 0.15))
     killed = hit and attempt.kill()
@@ -198,7 +190,7 @@ def drill(kills: int = 6, seed: int = 0, root: str | None = None,
     (done['killed'] if killed else done['missed']).append(phase)
     log(f'attempt {done["attempts"]}: {phase}: '
         f'{"killed" if killed else "process ended first"}')
-  final = Attempt(run_dir, run_data)
+  final = Attempt(run_dir, run_data, num_steps)
   done['attempts'] += 1
   assert final.finish() == 0, final.text()[-3000:]
   assert 'Traceback' not in final.text(), final.text()[-3000:]
