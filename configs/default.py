@@ -30,8 +30,6 @@ def base() -> ml_collections.ConfigDict:
       pos_emb='learned',        # 'learned' | 'sinusoidal'
       pooling='cls',            # classification pooling: 'cls' | 'mean'
       dtype='float32',          # activation dtype: 'float32' | 'bfloat16'
-      remat=False,              # recompute each block in the backward pass
-                                # (jax.checkpoint): less memory, more FLOPs
   ))
 
   # What is computed (kind + that kind's block) and how (implementation).

@@ -133,14 +133,11 @@ class Encoder(nnx.Module):
         raise ValueError(f'model.{name}={cfg[name]} must be >= 1')
     if not 0.0 <= cfg.dropout < 1.0:
       raise ValueError(f'model.dropout={cfg.dropout} must be in [0, 1)')
-    remat = cfg.get('remat', False)  # absent from configs of older runs
-    if not isinstance(remat, bool):
-      raise ValueError(f'model.remat={remat!r} must be True or False')
     if cfg.num_kv_heads < 0:
       raise ValueError(f'model.num_kv_heads={cfg.num_kv_heads} must be >= 0 '
                        '(0: as many as model.num_heads)')
     av.validate(spec)
-    self.causal, self.remat, self.rate = causal, remat, cfg.dropout
+    self.causal, self.rate = causal, cfg.dropout
     self.embed = nnx.Embed(vocab_size, cfg.dim, dtype=dtype, rngs=rngs)
     if cfg.pos_emb == 'learned':
       self.pos = nnx.Param(
@@ -156,16 +153,10 @@ class Encoder(nnx.Module):
     x = self.embed(inputs) + self.pos[...][:n].astype(self.embed.dtype)
     rngs = _split(dropout_rng, len(self.blocks) + 1)
     x = dropout(x, self.rate, rngs[-1])
-    causal = self.causal
-
-    def run(block, x, lengths, attention_rng, dropout_rng):
-      return block(x, lengths, causal=causal, attention_rng=attention_rng,
-                   dropout_rng=dropout_rng)
-    if self.remat:  # recompute the block's activations in the backward pass
-      run = nnx.remat(run)
     for i, block in enumerate(self.blocks):
-      x = run(block, x, lengths, jax.random.fold_in(attention_rng, i),
-              rngs[i])
+      x = block(x, lengths, causal=self.causal,
+                attention_rng=jax.random.fold_in(attention_rng, i),
+                dropout_rng=rngs[i])
     return self.ln(x)
 
 

@@ -36,15 +36,15 @@ from utils import paths
 
 # Config fields that may differ between a run and its resumption: they steer
 # the run (where the data lives, how often it logs and checkpoints) or how it
-# is computed (evaluation batch, attention implementation, rematerialisation,
-# micro-batches), not what is trained. Everything else (task, model,
+# is computed (evaluation batch, attention implementation, micro-batches),
+# not what is trained. Everything else (task, model,
 # attention kind and parameters, seed, optimizer, train.num_steps, which
 # shapes the learning-rate schedule, train.eval_every, which decides the best
 # checkpoint) is the experiment. "How" fields can change results in the last
 # bits of floating point, never in what they mean.
 RUN_CONTROL_FIELDS = ('data_dir', 'train.log_every', 'train.checkpoint_every',
                       'train.eval_batch_size', 'train.grad_accum_steps',
-                      'model.remat', 'attention.implementation')
+                      'attention.implementation')
 
 CORRUPT_DIR = 'corrupt'
 

@@ -133,9 +133,8 @@ def out_of_memory(e: BaseException) -> bool:
 
 
 MEMORY_KNOBS = ('lower train.batch_size, split it with '
-                'train.grad_accum_steps, set model.remat=True, shorten the '
-                'sequences or shrink the model, or spread the batch over '
-                'more devices')
+                'train.grad_accum_steps, shorten the sequences or shrink the '
+                'model, or spread the batch over more devices')
 
 
 def _gb(n: float) -> str:
