@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging as std_logging
 import os
 import sys
@@ -105,14 +104,15 @@ def claim_workdir(workdir: str, config: dict) -> None:
 
 
 def _host_leaves(tree) -> list[tuple[str, np.ndarray]]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  out = []
-  for path, x in leaves:
+  """(path, host array) of every leaf, fetched in one device_get."""
+  def plain(x):
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(
         x.dtype, jax.dtypes.prng_key):
-      x = jax.random.key_data(x)
-    out.append((jax.tree_util.keystr(path), np.asarray(jax.device_get(x))))
-  return out
+      return jax.random.key_data(x)
+    return x
+  leaves = jax.tree_util.tree_flatten_with_path(
+      jax.device_get(jax.tree.map(plain, tree)))[0]
+  return [(jax.tree_util.keystr(path), np.asarray(x)) for path, x in leaves]
 
 
 def digest(tree) -> dict[str, str]:
@@ -163,14 +163,35 @@ def _quiet_orbax():
       t.removeFilter(f)
 
 
-def _ignore_reads_left_behind() -> None:
+class _DropAbandonedReads(std_logging.Filter):
+  """asyncio's 'Task/Future exception was never retrieved' for reads of the
+  checkpoints being restored: the task names orbax's code, the future the
+  checkpoint's files."""
+
+  def __init__(self):
+    super().__init__()
+    self.roots = {f'{os.sep}orbax{os.sep}'}
+
+  def filter(self, record):
+    text = record.getMessage()
+    return not ('exception was never retrieved' in text and
+                any(root in text for root in self.roots))
+
+
+_ABANDONED_READS = _DropAbandonedReads()
+
+
+def _ignore_reads_left_behind(root: str) -> None:
   """When orbax abandons a failed restore it closes its event loop while
-  TensorStore still finishes the other arrays' reads: each of their
-  callbacks then raises 'Event loop is closed', and each abandoned read
-  coroutine is collected with its own error, all into sys.unraisablehook,
-  which prints a traceback for every array. Those reads are unwanted: drop
-  exactly these (for the rest of the process: they can arrive late) and
-  pass anything else to the previous hook."""
+  TensorStore still finishes the other arrays' reads. Their errors then
+  surface three ways, each printing a traceback per array: callbacks raise
+  'Event loop is closed' and abandoned read coroutines are collected with
+  their error (both into sys.unraisablehook), and asyncio logs 'exception
+  was never retrieved' for their tasks and futures. Those reads are
+  unwanted: drop exactly these, for the rest of the process (they can arrive
+  late, after the run's own error line), and pass anything else on. `root`
+  is the checkpoint directory about to be read."""
+  _ABANDONED_READS.roots.add(root)
   previous = sys.unraisablehook
   if getattr(previous, 'drops_abandoned_reads', False):
     return
@@ -184,11 +205,14 @@ def _ignore_reads_left_behind() -> None:
     previous(unraisable)
   hook.drops_abandoned_reads = True
   sys.unraisablehook = hook
+  std_logging.getLogger('asyncio').addFilter(_ABANDONED_READS)
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+  """'Type: first line of the message' (at most 200 characters of it): how
+  an error from a library is named inside one of our one-line errors."""
   text = str(e).strip()
-  return f'{type(e).__name__}: {text.splitlines()[0][:160] if text else ""}'
+  return f'{type(e).__name__}: {text.splitlines()[0][:200] if text else ""}'
 
 
 class _Kind:
@@ -264,7 +288,7 @@ class _Kind:
     steps = self.steps() if step is None else [step]
     if not steps:
       return None
-    _ignore_reads_left_behind()  # before: the callbacks race the exception
+    _ignore_reads_left_behind(self.path)  # before: they race the exception
     moved = []
     for s in steps:
       try:
@@ -274,7 +298,7 @@ class _Kind:
         target = self.move_aside(s)
         moved.append(target)
         logging.warning('checkpoint %s/%d is corrupt (%s); moved it to %s',
-                        self.shown, s, _first_line(e), target)
+                        self.shown, s, first_line(e), target)
     raise CheckpointError(
         f'no checkpoint in {self.shown} restores (moved aside: '
         f'{", ".join(moved)})')

@@ -304,7 +304,7 @@ class Trainer:
         raise
       kept = self.ckpts.latest.steps()
       raise ValueError(
-          f'out of memory while running ({_first_line(e)}); '
+          f'out of memory while running ({ckpt_lib.first_line(e)}); '
           f'{MEMORY_KNOBS}. Checkpoints kept: '
           f'{", ".join(map(str, kept)) or "none"}') from None
     finally:
@@ -320,11 +320,7 @@ class Trainer:
                    'results.json kept (--mode=evaluate re-evaluates)',
                    self.workdir, step)
       return done
-    # Figures of earlier segments of this run (kept in the checkpoint).
-    totals = dict(meta.get('totals', {}))
-    totals.setdefault('train_seconds', 0.0)
-    totals.setdefault('train_steps', 0)
-    totals.setdefault('wall_seconds', 0.0)
+    totals = _totals(meta)
     window = dict(meta.get('log_window', {'loss_sum': 0.0, 'steps': 0}))
     self.compile()
     self.writer = writer_lib.MetricWriter(self.workdir, resume_step=step)
@@ -434,9 +430,11 @@ class Trainer:
     return results
 
 
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0][:200] if text else type(e).__name__
+def _totals(meta: dict) -> dict:
+  """Training seconds and steps and wall seconds of a run's earlier
+  segments, as its latest checkpoint recorded them (zeros when none)."""
+  return {'train_seconds': 0.0, 'train_steps': 0, 'wall_seconds': 0.0,
+          **meta.get('totals', {})}
 
 
 def _scalars(m: dict, keep_lists: bool = False) -> dict:
@@ -490,10 +488,6 @@ def evaluate_run(workdir: str) -> dict:
                        f'{config.train.num_steps}; finish training it first '
                        '(rerun its training command)')
     trainer.compile()
-    totals = dict(meta.get('totals', {}))
-    totals['wall_seconds'] = totals.get('wall_seconds', 0.0)
-    totals.setdefault('train_seconds', 0.0)
-    totals.setdefault('train_steps', 0)
-    return trainer.finish(step, meta, totals, time.time())
+    return trainer.finish(step, meta, _totals(meta), time.time())
   finally:
     trainer.ckpts.close()

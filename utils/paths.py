@@ -2,10 +2,6 @@
 (ConfigDict or dict) and records such as results.json."""
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-_MISSING = object()
-
 
 def flatten(tree, prefix: str = '') -> dict:
   """{'a.b': leaf} of a nested mapping (anything with .items())."""
@@ -31,29 +27,20 @@ def walk(tree, dotted: str):
   return node, None
 
 
-def get(tree, dotted: str, default=_MISSING):
-  """tree[a][b]... for 'a.b'; KeyError naming the path when absent (or
-  `default` when one is given)."""
+def get(tree, dotted: str):
+  """tree[a][b]... for 'a.b'; KeyError naming the path when absent."""
   value, missing = walk(tree, dotted)
-  if missing is None:
-    return value
-  if default is not _MISSING:
-    return default
-  raise KeyError(f'missing {dotted}')
+  if missing is not None:
+    raise KeyError(f'missing {dotted}')
+  return value
 
 
 def set_value(tree, dotted: str, value, where: str) -> None:
   """Sets an existing field at a dotted path; ValueError naming `where` and
   the path when there is no such field or the value has the wrong type."""
   *parents, leaf = dotted.split('.')
-  node = tree
-  if parents:
-    node, missing = walk(tree, '.'.join(parents))
-    if missing is not None:
-      node = None
-  if not isinstance(node, Mapping) and not hasattr(node, 'keys'):
-    node = None
-  if node is None or leaf not in node:
+  node, missing = walk(tree, '.'.join(parents)) if parents else (tree, None)
+  if missing is not None or not hasattr(node, 'keys') or leaf not in node:
     raise ValueError(f'{where}: {dotted!r} is not a field of the run config')
   try:
     node[leaf] = value
