@@ -12,6 +12,9 @@ Modes (--mode):
             jax.nn.dot_product_attention: --config=configs/benchmark.py.
   compare   the variants x tasks x seeds sweep with its tables and plots:
             --config=configs/compare.py:<preset>.
+  baselines what a classification task scores without attention (majority
+            class, logistic regression on the raw tokens and on their
+            histogram): --config=configs/<task>.py:<preset>.
 
 Exit status: 0 done (or stopped by --max_steps_this_run); 1 an error the
 user can fix, printed as one line starting with 'error:'; 143 (128 +
@@ -24,7 +27,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ('train', 'evaluate', 'benchmark', 'compare')
+MODES = ('train', 'evaluate', 'benchmark', 'compare', 'baselines')
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and preset, e.g. configs/listops.py:cpu; '
@@ -60,6 +63,9 @@ def run(mode, config, workdir):
   elif mode == 'compare':
     from evaluate import compare
     compare.run(config, workdir)
+  elif mode == 'baselines':
+    from evaluate import baselines
+    baselines.run(config, workdir)
 
 
 class _QuietLibraries(std_logging.Filter):

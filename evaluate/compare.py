@@ -236,7 +236,7 @@ def synthetic_task(seq_len: int, vocab_size: int, num_classes: int):
   """A classification Task of the given length with no data behind it."""
   return tasks.Task(name='synthetic', vocab_size=vocab_size, seq_len=seq_len,
                     num_classes=num_classes, head='classify', causal=False,
-                    sources=_no_data)
+                    sources=_no_data, cls_token=True)
 
 
 def synthetic_batch(task, batch_size: int, seed: int = 0) -> dict:
@@ -264,10 +264,17 @@ def attention_spec(config, kind: str) -> dict:
   return c.attention.to_dict()
 
 
+# A cell runs only when its compiled step needs at most this share of the
+# memory available (as the benchmark's memory_fraction).
+MEMORY_FRACTION = 0.8
+
+
 def measure(model_cfg, spec: dict, seq_len: int, *, batch_size: int,
             steps: int, warmup_steps: int, vocab_size: int,
             num_classes: int) -> dict:
-  """Steps/s and memory of the trainer's train step at one length."""
+  """Steps/s and memory of the trainer's train step at one length; status
+  'does not fit' (not run) when its compiled memory exceeds MEMORY_FRACTION
+  of what the device has available."""
   task = synthetic_task(seq_len, vocab_size, num_classes)
   train_cfg = default.base().train
   train_cfg.batch_size = batch_size
@@ -279,6 +286,15 @@ def measure(model_cfg, spec: dict, seq_len: int, *, batch_size: int,
   t0 = time.time()
   step = step_lib.compile_train(setup, batch, key)
   compile_s = time.time() - t0
+  memory = profile.compiled_memory(step)
+  needed = memory['argument_bytes'] + memory['peak_bytes']
+  available = profile.available_bytes() or profile.host_available_bytes()
+  if needed > MEMORY_FRACTION * available:
+    # Running it would exhaust the device (on CPU: the kernel's OOM killer
+    # ends the whole sweep, no exception to catch), so it is reported.
+    return {'status': 'does not fit', 'memory_bytes': needed,
+            'available_bytes': available, 'compiled_memory': memory,
+            'params': setup.num_params, 'compile_s': compile_s}
   for i in range(warmup_steps):
     state, _ = step(state, batch, jax.random.fold_in(key, i))
   jax.block_until_ready(state)
@@ -287,14 +303,13 @@ def measure(model_cfg, spec: dict, seq_len: int, *, batch_size: int,
     state, _ = step(state, batch, jax.random.fold_in(key, warmup_steps + i))
   jax.block_until_ready(state)
   seconds = time.time() - t0
-  memory = profile.compiled_memory(step)
   peak_after = profile.device_peak_bytes()
   rose = peak_after is not None and (peak_before is None
                                      or peak_after > peak_before)
   return {
       'status': 'ok',
       'steps_per_sec': steps / max(seconds, 1e-9),
-      'memory_bytes': memory['argument_bytes'] + memory['peak_bytes'],
+      'memory_bytes': needed,
       'compiled_memory': memory,
       'device_peak_bytes': peak_after if rose else None,
       'flops': profile.compiled_flops(step),

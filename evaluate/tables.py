@@ -76,6 +76,9 @@ def efficiency_record(data) -> dict:
                                       'steps_per_sec')
     record['memory_bytes'] = _number(paths.get(data, 'memory_bytes'),
                                      'memory_bytes')
+  elif status == 'does not fit':
+    record['memory_bytes'] = _number(paths.get(data, 'memory_bytes'),
+                                     'memory_bytes')
   else:
     record['error'] = str(data.get('error', ''))
   return record
@@ -196,6 +199,8 @@ def efficiency_summary(cells, kinds=None, reference: str = 'full') -> dict:
             else None,
             memory_ratio=c['memory_bytes'] / ref['memory_bytes'] if ok
             else None)
+      elif c['status'] == 'does not fit':
+        entry['memory_bytes'] = c['memory_bytes']
       else:
         entry['error'] = c.get('error', '')
       table[kind][str(n)] = entry
@@ -285,6 +290,9 @@ def efficiency_display(s: dict) -> dict:
   def cell(c, value_key, ratio_key, div=1.0):
     if c is None:
       return DASH
+    if c['status'] == 'does not fit':
+      need_unit, need_scale = memory_unit([c['memory_bytes']])
+      return f'does not fit ({fmt(c["memory_bytes"] / need_scale)} {need_unit})'
     if c['status'] != 'ok':
       return 'OOM' if _out_of_memory(c.get('error', '')) else 'failed'
     text = fmt(c[value_key] / div)

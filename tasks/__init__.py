@@ -21,6 +21,9 @@ _REGISTRY = {
     'listops': ('tasks.listops', 'configs.listops'),
     'mqar': ('tasks.mqar', 'configs.mqar'),
     'copy': ('tasks.copy', 'configs.copy'),
+    'image': ('tasks.image', 'configs.image'),
+    'pathfinder': ('tasks.pathfinder', 'configs.pathfinder'),
+    'pathx': ('tasks.pathfinder', 'configs.pathx'),
 }
 NAMES = tuple(_REGISTRY)
 

@@ -28,6 +28,7 @@ class Task:
   head: str              # a name of tasks.heads.NAMES
   causal: bool           # whether attention must be causal for this task
   sources: Callable[[str], Sequence[dict[str, Any]]]  # split -> examples
+  cls_token: bool = False  # whether position 0 of every input is a CLS token
 
   def source(self, split: str):
     if split not in SPLITS:

@@ -135,6 +135,17 @@ def classify_features() -> tfds.features.FeaturesDict:
   })
 
 
+def image_features(**extra) -> tfds.features.FeaturesDict:
+  """image: uint8 [height, width] grey levels (zlib: images are mostly
+  background), label, plus any `extra` features."""
+  return tfds.features.FeaturesDict({
+      'image': tfds.features.Tensor(shape=(None, None), dtype=np.uint8,
+                                    encoding='zlib'),
+      'label': tfds.features.Scalar(dtype=np.int32),
+      **extra,
+  })
+
+
 def per_position_features() -> tfds.features.FeaturesDict:
   """tokens (the inputs) and scored (which next tokens are targets)."""
   return tfds.features.FeaturesDict({
@@ -191,21 +202,28 @@ class OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for index, example in enumerate(examples):
       yield index, example
 
+  def check_inputs(self) -> None:
+    """Raises a FileNotFoundError saying what to install or point at when
+    the files a builder converts are missing; called only before writing."""
+
 
 class Examples(Sequence):
-  """Random-access view of a data source with a preprocessing function."""
+  """Random-access view of a data source with a preprocessing function;
+  `limit` > 0 keeps only the first `limit` examples."""
 
-  def __init__(self, source: Sequence, preprocess: Callable[[dict], dict]):
+  def __init__(self, source: Sequence, preprocess: Callable[[dict], dict],
+               limit: int = 0):
     self._source = source
     self._preprocess = preprocess
+    self._len = min(len(source), limit) if limit > 0 else len(source)
 
   def __len__(self) -> int:
-    return len(self._source)
+    return self._len
 
   def _index(self, index: int) -> int:
     # Sequence semantics: negative indices count from the end, and iteration
     # stops at the IndexError.
-    n = len(self._source)
+    n = len(self)
     index = int(index)
     if not -n <= index < n:
       raise IndexError(f'index {index} out of range for {n} examples')
@@ -223,15 +241,30 @@ class Examples(Sequence):
 
 @dataclasses.dataclass(frozen=True)
 class Sources:
-  """split -> Examples; writes the data on the first call, reuses it after."""
-  builder: OfflineBuilder
+  """split -> Examples; writes the data on the first call, reuses it after.
+  `limits` caps a split's examples (split -> count; absent or 0: all)."""
+  builder_cls: type[OfflineBuilder]
+  name: str                      # the BuilderConfig's name
+  params: Mapping[str, Any]      # the generator's inputs
+  data_dir: str | None           # absolute, or None for TFDS's default
   preprocess: Callable[[dict], dict]
+  limits: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+  def builder(self) -> OfflineBuilder:
+    # A new builder per call: one made before another Sources (the same
+    # config, another task) wrote the data would not see the data's splits.
+    return self.builder_cls(
+        data_dir=self.data_dir, file_format=FILE_FORMAT,
+        config=GeneratorConfig(name=self.name, params=dict(self.params)))
 
   def __call__(self, split: str) -> Examples:
-    # A no-op when this config's files are already in the data dir.
-    self.builder.download_and_prepare(file_format=FILE_FORMAT)
-    remove_stale_incomplete(self.builder)
-    return Examples(self.builder.as_data_source(split), self.preprocess)
+    builder = self.builder()
+    if not builder.is_prepared():
+      builder.check_inputs()
+      builder.download_and_prepare(file_format=FILE_FORMAT)
+    remove_stale_incomplete(builder)
+    return Examples(builder.as_data_source(split), self.preprocess,
+                    self.limits.get(split, 0))
 
 
 def remove_stale_incomplete(builder: tfds.core.DatasetBuilder) -> None:
@@ -248,13 +281,16 @@ def remove_stale_incomplete(builder: tfds.core.DatasetBuilder) -> None:
 
 def sources(builder_cls: type[OfflineBuilder], name: str,
             params: Mapping[str, Any], data_dir: str,
-            preprocess: Callable[[dict], dict]) -> Sources:
+            preprocess: Callable[[dict], dict],
+            limits: Mapping[str, int] | None = None) -> Sources:
   # Absolute: TFDS and array_record resolve paths on their own threads.
-  builder = builder_cls(data_dir=os.path.abspath(data_dir) if data_dir
-                        else None,
-                        config=GeneratorConfig(name=name, params=dict(params)),
-                        file_format=FILE_FORMAT)
-  return Sources(builder, preprocess)
+  return Sources(builder_cls, name, dict(params), absolute(data_dir),
+                 preprocess, dict(limits or {}))
+
+
+def absolute(data_dir: str) -> str | None:
+  """data_dir made absolute ('' stays None: TFDS's default)."""
+  return os.path.abspath(data_dir) if data_dir else None
 
 
 def padded(tokens: np.ndarray, seq_len: int, dtype=np.int32) -> np.ndarray:
@@ -271,6 +307,14 @@ def classify_example(record: Mapping[str, Any], seq_len: int,
                            np.asarray(record['tokens'], np.int32)])
   return {'inputs': padded(tokens, seq_len),
           'length': np.int32(len(tokens)),
+          'label': np.int32(record['label'])}
+
+
+def pixels_example(record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """An image as a sequence: one token per pixel, row-major, the token id
+  being the 8-bit grey level (vocabulary 256, no CLS, no padding)."""
+  tokens = np.asarray(record['image'], np.uint8).reshape(-1).astype(np.int32)
+  return {'inputs': tokens, 'length': np.int32(len(tokens)),
           'label': np.int32(record['label'])}
 
 

@@ -219,7 +219,7 @@ def make(task_config, data_dir: str) -> base.Task:
   seq_len = int(task_config.max_length)  # CLS + at most max_length - 1 symbols
   return base.Task(
       name='listops', vocab_size=VOCAB_SIZE, seq_len=seq_len,
-      num_classes=NUM_CLASSES, head='classify', causal=False,
+      num_classes=NUM_CLASSES, head='classify', causal=False, cls_token=True,
       sources=builders.sources(
           Listops, config_name(task_config), params(task_config), data_dir,
           builders.classify_preprocess(seq_len, prefix=(CLS,))))

@@ -1,9 +1,50 @@
-"""Shared fixtures: one offline data dir per test session, small configs."""
+"""Shared fixtures: one offline data dir per test session, small configs,
+and small idx files standing in for Debian's Fashion-MNIST."""
+import gzip
 import os
 
+import numpy as np
 import pytest
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
+
+
+def write_idx(path, array):
+  """An unsigned-byte idx file (gzipped when path ends in .gz)."""
+  array = np.asarray(array, np.uint8)
+  header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(
+      array.shape, '>u4').tobytes()
+  opener = gzip.open if str(path).endswith('.gz') else open
+  with opener(path, 'wb') as f:
+    f.write(header + array.tobytes())
+
+
+def write_fashion_mnist(folder, num_train=80, num_test=20, seed=0):
+  """Random 28 x 28 images and labels 0-9 under the package's file names;
+  returns {'train': (images, labels), 'test': (...)}."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(folder, exist_ok=True)
+  out = {}
+  for split, n, prefix in (('train', num_train, 'train'),
+                           ('test', num_test, 't10k')):
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = np.arange(n, dtype=np.uint8) % 10
+    write_idx(os.path.join(folder, f'{prefix}-images-idx3-ubyte.gz'), images)
+    write_idx(os.path.join(folder, f'{prefix}-labels-idx1-ubyte.gz'), labels)
+    out[split] = images, labels
+  return out
+
+
+@pytest.fixture(scope='session', autouse=True)
+def fashion_mnist_dir(tmp_path_factory):
+  """The image task's default source: small idx files this session wrote
+  (tests never depend on the Debian package being installed)."""
+  from tasks import image
+  folder = str(tmp_path_factory.mktemp('fashion-mnist'))
+  write_fashion_mnist(folder)
+  real, image.FASHION_MNIST_DIR = image.FASHION_MNIST_DIR, folder
+  yield folder
+  image.FASHION_MNIST_DIR = real
 
 
 @pytest.fixture(scope='session')

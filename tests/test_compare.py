@@ -315,7 +315,9 @@ def test_presets_plan_valid_runs(preset, tmp_path):
     import attention_variants as av
     import tasks
     assert set(kinds) == set(av.KINDS)
-    assert {t for t, _ in compare.tasks_of(config)} == set(tasks.NAMES)
+    planned = {t for t, _ in compare.tasks_of(config)}
+    assert planned == (set(tasks.NAMES) if preset == 'lra' else
+                       {'listops', 'mqar', 'copy'})
 
 
 @pytest.mark.parametrize('field, value, expected', [
@@ -347,3 +349,22 @@ def test_overrides_apply_in_order_and_bad_paths_are_named(tmp_path):
   config.overrides.model = {'widht': 3}
   with pytest.raises(ValueError, match=r"overrides: 'model.widht' is not"):
     compare.plan(config, str(tmp_path))
+
+
+def test_a_cell_that_would_not_fit_is_reported_not_run(tmp_path,
+                                                       monkeypatch):
+  # The compiled step's own memory analysis against what the device has.
+  monkeypatch.setattr(compare.profile, 'available_bytes', lambda: 1000)
+  model = compare_config.get_config('smoke').efficiency.model
+  cell = compare.measure(model, compare.attention_spec(
+      compare_config.get_config('smoke'), 'full'), 32, batch_size=2,
+      steps=1, warmup_steps=1, vocab_size=16, num_classes=2)
+  assert cell['status'] == 'does not fit'
+  assert cell['memory_bytes'] > 1000 and 'steps_per_sec' not in cell
+  root = str(tmp_path / 'sweep')
+  _write(compare.efficiency_path(root, 'full', 32),
+         dict(cell, kind='full', seq_len=32, batch_size=2, device='cpu:cpu'))
+  md = tables.write_all(root)['efficiency']
+  text = open(os.path.join(root, 'tables', 'efficiency.md')).read()
+  assert md['cells']['full']['32']['status'] == 'does not fit'
+  assert '| full | does not fit (' in text

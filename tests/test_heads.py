@@ -26,7 +26,7 @@ def _model_cfg(**fields):
 
 def _task(head, num_classes=2):
   return Task('toy', vocab_size=VOCAB, seq_len=N, num_classes=num_classes,
-              head=head, causal=False, sources=None)
+              head=head, causal=False, sources=None, cls_token=True)
 
 
 @pytest.mark.parametrize('name', heads.NAMES)

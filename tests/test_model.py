@@ -13,7 +13,7 @@ from train import step
 
 def _task(head='classify', causal=False):
   return Task('t', vocab_size=20, seq_len=24, num_classes=5, head=head,
-              causal=causal, sources=None)
+              causal=causal, sources=None, cls_token=True)
 
 
 @pytest.mark.parametrize('kind', av.KINDS)

@@ -448,7 +448,7 @@ def test_stale_incomplete_data_folders_are_removed(smoke_config, tmp_path):
   config = smoke_config()
   config.data_dir = str(tmp_path / 'data')
   task = tasks.get(config.task, config.data_dir)
-  version_dir = task.sources.builder.data_dir
+  version_dir = task.sources.builder().data_dir
   parent, version = os.path.split(str(version_dir))
   stale = os.path.join(parent, f'incomplete.ABC123_{version}')
   os.makedirs(os.path.join(stale, 'shards'))

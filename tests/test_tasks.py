@@ -122,6 +122,13 @@ def test_lra_shapes_match_the_papers(tmp_path):
   assert (copy.seq_len, copy.vocab_size) == (1024, 129)
   recall = tasks.get(task_config('mqar', 'lra'), str(tmp_path))
   assert (recall.seq_len, recall.num_classes) == (512, 8192)
+  cifar = tasks.get(task_config('image', 'lra'), str(tmp_path))
+  assert (cifar.seq_len, cifar.vocab_size, cifar.num_classes) == (1024, 256,
+                                                                   10)
+  path = tasks.get(task_config('pathfinder', 'lra'), str(tmp_path))
+  assert (path.seq_len, path.vocab_size, path.num_classes) == (1024, 256, 2)
+  assert tasks.get(task_config('pathx', 'lra'),
+                   str(tmp_path)).seq_len == 16_384
 
 
 def test_unknown_split_is_rejected(listops_data):

@@ -20,10 +20,14 @@ from tasks import metrics as metrics_lib
 POOLINGS = ('cls', 'mean')
 
 
-def check_pooling(pooling: str) -> None:
+def check_pooling(pooling: str, task) -> None:
   if pooling not in POOLINGS:
     raise ValueError(f'model.pooling={pooling!r}; valid: '
                      f'{", ".join(POOLINGS)}')
+  if pooling == 'cls' and not task.cls_token:
+    raise ValueError(f"model.pooling='cls' reads a CLS token, which task "
+                     f"{task.name} does not put at position 0; use "
+                     "--config.model.pooling=mean")
 
 
 def pool(x, lengths, pooling: str):
@@ -46,7 +50,7 @@ class Head(nnx.Module):
   FIELDS = ('inputs', 'length', 'label')
 
   def __init__(self, task, model_cfg, *, dtype, rngs):
-    check_pooling(model_cfg.pooling)
+    check_pooling(model_cfg.pooling, task)
     self.pooling = model_cfg.pooling
     self.num_classes = task.num_classes
     self.logits = nnx.Linear(model_cfg.dim, task.num_classes, dtype=dtype,

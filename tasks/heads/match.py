@@ -26,7 +26,7 @@ class Head(classify.Head):
   FIELDS = ('inputs', 'length', 'label')
 
   def __init__(self, task, model_cfg, *, dtype, rngs):
-    classify.check_pooling(model_cfg.pooling)
+    classify.check_pooling(model_cfg.pooling, task)
     if model_cfg.mlp_dim < 2:
       raise ValueError(f'model.mlp_dim={model_cfg.mlp_dim} must be >= 2 for '
                        'the match head (its second layer is mlp_dim // 2)')

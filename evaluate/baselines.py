@@ -1,0 +1,172 @@
+"""What a classification task scores without attention, to read a model's
+accuracy against:
+
+  python main.py --mode=baselines --config=configs/image.py:cpu \
+      --workdir=runs/image-baselines
+
+  majority  the most frequent training label, predicted for every example;
+  linear    multinomial logistic regression on the raw tokens as numbers
+            (token id / (vocab_size - 1): an image's grey levels), one weight
+            per position and class;
+  bag       the same on the bag of tokens: each token id's share of the
+            example's valid positions (a byte histogram for byte-level text),
+            which sees what occurs but not where.
+
+The two regressions train with Adam (optax; `LEARNING_RATE`, `BATCH_SIZE`,
+`EPOCHS` below) on the task's train split, keep the epoch best on
+validation, and are scored on test with the model's metrics (accuracy,
+macro F1, confusion matrix, ...). Writes baselines.json to the workdir and
+prints a table. Only for tasks with the `classify` head.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+import tasks
+from tasks import metrics as metrics_lib
+from train import trainer
+from train import writer as writer_lib
+
+LEARNING_RATE = 1e-3
+BATCH_SIZE = 256
+EPOCHS = 10
+_READ_CHUNK = 1024          # examples fetched from a data source at a time
+
+
+def load(source) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(inputs [n, seq] int32, lengths [n], labels [n]) of a whole split."""
+  inputs, lengths, labels = [], [], []
+  for start in range(0, len(source), _READ_CHUNK):
+    batch = source.__getitems__(range(start, min(start + _READ_CHUNK,
+                                                 len(source))))
+    inputs.append(np.stack([x['inputs'] for x in batch]))
+    lengths.append(np.array([x['length'] for x in batch], np.int32))
+    labels.append(np.array([x['label'] for x in batch], np.int32))
+  return (np.concatenate(inputs), np.concatenate(lengths),
+          np.concatenate(labels))
+
+
+def raw_features(inputs, lengths, vocab_size: int) -> np.ndarray:
+  """Token ids scaled to [0, 1], zero past each example's length."""
+  valid = np.arange(inputs.shape[1])[None, :] < lengths[:, None]
+  return np.where(valid, inputs / max(vocab_size - 1, 1), 0).astype(
+      np.float32)
+
+
+def bag_features(inputs, lengths, vocab_size: int) -> np.ndarray:
+  """Each token id's share of the valid positions [n, vocab_size]."""
+  valid = np.arange(inputs.shape[1])[None, :] < lengths[:, None]
+  rows = np.repeat(np.arange(len(inputs)), inputs.shape[1])
+  counts = np.zeros((len(inputs), vocab_size), np.float32)
+  np.add.at(counts, (rows[valid.ravel()], inputs.ravel()[valid.ravel()]), 1)
+  return counts / np.maximum(lengths, 1)[:, None]
+
+
+def logistic_regression(train, validation, num_classes: int, seed: int,
+                        epochs: int = EPOCHS,
+                        learning_rate: float = LEARNING_RATE):
+  """(predict fn, best validation accuracy) of a linear softmax classifier
+  on (features, labels) pairs, the epoch best on validation."""
+  x_train, y_train = train
+  dim = x_train.shape[1]
+  # Standardised features: one learning rate suits pixels and histograms.
+  mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+  params = {'w': jnp.zeros((dim, num_classes)), 'b': jnp.zeros(num_classes)}
+  optimizer = optax.adam(learning_rate)
+  opt_state = optimizer.init(params)
+
+  def logits(p, x):
+    return ((x - mean) / std) @ p['w'] + p['b']
+
+  @jax.jit
+  def step(p, s, x, y):
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        logits(p, x), y).mean()
+    updates, s = optimizer.update(jax.grad(loss)(p), s)
+    return optax.apply_updates(p, updates), s
+
+  predict_jit = jax.jit(lambda p, x: jnp.argmax(logits(p, x), -1))
+
+  def predict(p, x):
+    return np.concatenate([np.asarray(predict_jit(p, x[i:i + 4096]))
+                           for i in range(0, len(x), 4096)])
+
+  rng = np.random.default_rng(seed)
+  best, best_acc = params, -1.0
+  for _ in range(epochs):
+    order = rng.permutation(len(x_train))
+    for i in range(0, len(order), BATCH_SIZE):
+      take = order[i:i + BATCH_SIZE]
+      params, opt_state = step(params, opt_state, x_train[take],
+                               y_train[take])
+    acc = float(np.mean(predict(params, validation[0]) == validation[1]))
+    if acc > best_acc:
+      best, best_acc = params, acc
+  return (lambda x: predict(best, x)), best_acc
+
+
+def _scores(labels, predictions, num_classes):
+  return metrics_lib.classification_metrics(labels, predictions, num_classes)
+
+
+def run(config, workdir: str) -> dict:
+  """Every baseline of config.task; writes workdir/baselines.json."""
+  if not workdir:
+    raise ValueError('--workdir is required for --mode=baselines')
+  trainer.prepare_workdir(workdir)
+  task = tasks.get(config.task, trainer.default_data_dir(config))
+  if task.head != 'classify':
+    raise ValueError(f'baselines are for classification tasks; task '
+                     f'{task.name} has the {task.head!r} head')
+  start = time.monotonic()
+  data = {split: load(task.source(split)) for split in tasks.SPLITS}
+  logging.info('baselines: loaded %s examples in %.0fs',
+               ' / '.join(str(len(data[s][2])) for s in tasks.SPLITS),
+               time.monotonic() - start)
+  train_labels = data['train'][2]
+  majority = int(np.bincount(train_labels, minlength=task.num_classes)
+                 .argmax())
+  out = {'majority': {
+      'class': majority,
+      **{split: _scores(data[split][2],
+                        np.full_like(data[split][2], majority),
+                        task.num_classes)
+         for split in ('validation', 'test')}}}
+  for name, features in (('linear', raw_features), ('bag', bag_features)):
+    start = time.monotonic()
+    x = {split: features(*data[split][:2], task.vocab_size)
+         for split in tasks.SPLITS}
+    predict, _ = logistic_regression(
+        (x['train'], train_labels), (x['validation'], data['validation'][2]),
+        task.num_classes, int(config.seed))
+    out[name] = {split: _scores(data[split][2], predict(x[split]),
+                                task.num_classes)
+                 for split in ('validation', 'test')}
+    out[name]['seconds'] = round(time.monotonic() - start, 1)
+    logging.info('baselines: %s test accuracy %.4f (%.0fs)', name,
+                 out[name]['test']['accuracy'], out[name]['seconds'])
+  result = {'task': task.name, 'preset': config.get('preset'),
+            'examples': {s: int(len(data[s][2])) for s in tasks.SPLITS},
+            'settings': {'learning_rate': LEARNING_RATE,
+                         'batch_size': BATCH_SIZE, 'epochs': EPOCHS},
+            'baselines': out}
+  writer_lib.write_json_atomic(os.path.join(workdir, 'baselines.json'),
+                               result)
+  print(table(result))
+  return result
+
+
+def table(result: dict) -> str:
+  lines = [f'Baselines on {result["task"]} (test; chosen on validation):',
+           '| baseline | accuracy (%) | macro F1 |', '|---|---:|---:|']
+  for name, b in result['baselines'].items():
+    lines.append(f'| {name} | {100 * b["test"]["accuracy"]:.2f} | '
+                 f'{b["test"]["f1_macro"]:.3f} |')
+  return '\n'.join(lines)

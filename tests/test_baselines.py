@@ -1,0 +1,52 @@
+"""--mode=baselines: majority class and two logistic regressions."""
+import json
+
+import numpy as np
+import pytest
+
+import tasks
+from evaluate import baselines
+
+
+def test_bag_features_are_token_shares_of_the_valid_positions():
+  inputs = np.array([[1, 1, 2, 0], [3, 0, 0, 0]])
+  lengths = np.array([3, 1])
+  np.testing.assert_allclose(
+      baselines.bag_features(inputs, lengths, 4),
+      [[0, 2 / 3, 1 / 3, 0], [0, 0, 0, 1]])
+  np.testing.assert_allclose(
+      baselines.raw_features(inputs, lengths, 4),
+      [[1 / 3, 1 / 3, 2 / 3, 0], [1, 0, 0, 0]])
+
+
+def test_logistic_regression_learns_a_linear_rule():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(600, 5)).astype(np.float32)
+  y = (x[:, 0] - x[:, 3] > 0).astype(np.int32)
+  predict, val_acc = baselines.logistic_regression(
+      (x[:400], y[:400]), (x[400:500], y[400:500]), 2, seed=0, epochs=100,
+      learning_rate=0.05)
+  assert val_acc > 0.9
+  assert np.mean(predict(x[500:]) == y[500:]) > 0.9
+
+
+def test_baselines_mode_writes_every_baseline(smoke_config, tmp_path):
+  config = smoke_config('image')
+  result = baselines.run(config, str(tmp_path / 'b'))
+  on_disk = json.loads((tmp_path / 'b' / 'baselines.json').read_text())
+  assert on_disk['baselines'].keys() == {'majority', 'linear', 'bag'}
+  task = tasks.get(config.task, config.data_dir)
+  train = np.bincount([x['label'] for x in task.source('train')])
+  test = np.bincount([x['label'] for x in task.source('test')], minlength=10)
+  majority = on_disk['baselines']['majority']
+  assert train[majority['class']] == train.max()
+  assert majority['test']['accuracy'] == pytest.approx(
+      test[majority['class']] / test.sum())
+  assert result['examples']['test'] == test.sum() == 20
+  assert 'linear' in baselines.table(result)
+
+
+def test_baselines_refuse_tasks_without_labels(smoke_config, tmp_path):
+  with pytest.raises(ValueError, match="task mqar has the 'per_position' "
+                     'head'):
+    baselines.run(smoke_config('mqar'), str(tmp_path / 'b'))
