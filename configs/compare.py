@@ -9,9 +9,11 @@ Arena tables (accuracy, Table 1; efficiency, Table 2) and plots.
       --workdir=runs/compare --config.only_tables=True
 
 Presets: smoke (seconds, tests), cpu (every registered variant on ListOps,
-MQAR and copy, about 30 minutes on 2 CPU cores), lra (the tasks' paper-scale presets and
-LRA Table 2's lengths and batch; accelerators). Rerunning the same command
-resumes: finished runs are skipped, interrupted ones resume from their
+MQAR and copy, about 30 minutes on 2 CPU cores), lra (the tasks' paper-scale
+presets and LRA Table 2's lengths and batch; accelerators), pathx (every
+variant's train step at Path-X's 16,384 tokens, with smoke-sized pathx
+runs). Rerunning the same command resumes: finished runs are skipped,
+interrupted ones resume from their
 checkpoints. See evaluate/compare.py for the directory layout.
 
 Overrides are nested like the run config they change: `overrides.train.
@@ -97,6 +99,20 @@ def _lra(c):
   c.efficiency.update(steps=20, warmup_steps=3)
 
 
+def _pathx(c):
+  # Path-X's length for the efficiency cells: every kind's train step at
+  # 16,384 tokens (batch 1; a kind whose step would not fit in memory is
+  # reported as such), beside seconds-long runs of the pathx smoke task
+  # (training at 16K on CPU takes hours; the pathx cpu preset shows it
+  # for one kind).
+  c.kinds = ','.join(av.KINDS)
+  c.tasks = 'pathx:smoke'
+  c.seeds = '0'
+  c.efficiency = _efficiency(num_layers=2, dim=64, num_heads=2, mlp_dim=128)
+  c.efficiency.update(lengths='16384', batch_size=1, steps=2,
+                      warmup_steps=1)
+
+
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.kinds = 'full'              # variants, comma-separated names of av.KINDS
@@ -111,4 +127,5 @@ def get_config(arg=None):
                                 # longest that every plotted variant measured
   c.only_tables = False         # rebuild tables/plots from disk; no training
   return default.with_preset(
-      c, arg, {'smoke': _smoke, 'cpu': _cpu, 'lra': _lra}, default='cpu')
+      c, arg, {'smoke': _smoke, 'cpu': _cpu, 'lra': _lra, 'pathx': _pathx},
+      default='cpu')

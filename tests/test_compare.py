@@ -303,7 +303,7 @@ def test_failed_efficiency_cell_is_recorded_and_retried(data_dir, tmp_path,
   assert calls == [('local', 64)]
 
 
-@pytest.mark.parametrize('preset', ['smoke', 'cpu', 'lra'])
+@pytest.mark.parametrize('preset', ['smoke', 'cpu', 'lra', 'pathx'])
 def test_presets_plan_valid_runs(preset, tmp_path):
   config = compare_config.get_config(preset)
   runs = compare.plan(config, str(tmp_path))  # checks every run's config
@@ -316,8 +316,8 @@ def test_presets_plan_valid_runs(preset, tmp_path):
     import tasks
     assert set(kinds) == set(av.KINDS)
     planned = {t for t, _ in compare.tasks_of(config)}
-    assert planned == (set(tasks.NAMES) if preset == 'lra' else
-                       {'listops', 'mqar', 'copy'})
+    assert planned == {'lra': set(tasks.NAMES), 'pathx': {'pathx'},
+                       'cpu': {'listops', 'mqar', 'copy'}}[preset]
 
 
 @pytest.mark.parametrize('field, value, expected', [
