@@ -11,7 +11,9 @@ Datasets (`task.dataset`):
       Splits: the 60K training images minus a validation set of
       `validation_percent` percent of them, chosen at random by `data_seed`
       (train keeps the file order of the rest); test is the 10K test file.
-      The images are grey already and used as they are.
+      The images are grey already and used as they are. The conversion is
+      named by (validation_percent, data_seed), not by the folder: to
+      convert other idx files, use another --config.data_dir.
   cifar10  LRA's setting: TFDS `cifar10` (32 x 32 = 1,024 tokens), read with
       `tfds.data_source` from the data dir. When it is not there and
       `task.download` is True, TFDS's builder downloads and prepares it,
