@@ -1,8 +1,10 @@
-"""What the offline-generated tasks share: the TFDS builder, config naming,
-parameter checks, the on-disk features and the preprocessing into the
-fixed-shape examples of tasks/base.py.
+"""What the offline tasks share: the TFDS builder, config naming, parameter
+checks, the on-disk features and the preprocessing into the fixed-shape
+examples of tasks/base.py.
 
-Each task module supplies a generator `splits(params) -> {split: examples}`;
+Each task module supplies a generator `splits(params) -> {split: examples}`
+(generated, or converted from local files such as Debian's Fashion-MNIST,
+which the builder's `check_inputs` looks for first);
 `OfflineBuilder` writes those examples with file_format='array_record' (no
 TensorFlow needed) under `data_dir/<task>/<config name>/<version>/`, and
 `sources()` reads them back as random-access data sources. One parameter set
@@ -12,8 +14,10 @@ files.
 
 On disk an example keeps only what the generator decided, with variable
 length: 'tokens' (int32, no CLS, no padding) plus either 'label' (classify
-tasks) or 'scored' (per-position tasks: which tokens are prediction targets).
-Padding, CLS and the next-token shift happen on read, here, once for all tasks.
+tasks) or 'scored' (per-position tasks: which tokens are prediction targets);
+image tasks keep 'image' (uint8 [h, w]) and 'label'. Padding, CLS, the
+next-token shift and the flattening of images happen on read, here, once for
+all tasks.
 """
 from __future__ import annotations
 
