@@ -11,7 +11,8 @@ contour length 14, 160K/20K/20K images, LRA's model and schedule).
 from configs import default
 
 
-def _smoke(c):
+def smoke(c):
+  """Seconds-long settings (configs/pathx.py's smoke preset too)."""
   c.task.update(image_size=32, contour_length=6, num_train=128,
                 num_validation=32, num_test=32, workers=1)
   c.model.update(num_layers=1, dim=32, num_heads=2, mlp_dim=64)
@@ -64,5 +65,5 @@ def base(name: str):
 
 def get_config(arg=None):
   return default.with_preset(
-      base('pathfinder'), arg, {'smoke': _smoke, 'cpu': _cpu, 'lra': lra},
+      base('pathfinder'), arg, {'smoke': smoke, 'cpu': _cpu, 'lra': lra},
       default='cpu')

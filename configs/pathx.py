@@ -16,11 +16,8 @@ from configs import pathfinder
 
 
 def _smoke(c):
-  c.task.update(image_size=32, contour_length=14, num_train=128,
-                num_validation=32, num_test=32, workers=1)
-  c.model.update(num_layers=1, dim=32, num_heads=2, mlp_dim=64)
-  c.train.update(batch_size=16, num_steps=6, warmup_steps=2, eval_every=3,
-                 log_every=2, checkpoint_every=3)
+  pathfinder.smoke(c)
+  c.task.update(contour_length=14)
 
 
 def _cpu(c):
