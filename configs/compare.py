@@ -63,9 +63,10 @@ def _cpu(c):
   # So few steps rank variants only roughly; use lra (or raise num_steps
   # with --config.overrides.train.num_steps) for numbers to quote.
   c.kinds = ','.join(av.KINDS)
-  # The visual tasks' cpu runs take 20-30 minutes each (784-1,024 pixels;
-  # Path-X 16K), so they are not in this 30-minute sweep: add them with
-  # --config.tasks=image:cpu,pathfinder:cpu (lra lists every task).
+  # The visual and byte-level text tasks' cpu runs take 15-30 minutes each
+  # (784-1,024 pixels or bytes; Path-X 16K), so they are not in this
+  # 30-minute sweep: add them with e.g.
+  # --config.tasks=image:cpu,text:cpu,retrieval:cpu (lra lists every task).
   c.tasks = ','.join(f'{t}:cpu' for t in tasks.NAMES if t in _CPU_TASKS)
   c.seeds = '0,1'
   c.overrides.train = dict(num_steps=300, warmup_steps=30, eval_every=150,

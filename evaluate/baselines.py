@@ -12,11 +12,15 @@ accuracy against:
             example's valid positions (a byte histogram for byte-level text),
             which sees what occurs but not where.
 
-The two regressions train with Adam (optax; `LEARNING_RATE`, `BATCH_SIZE`,
+For tasks with the `match` head (two documents, one label) the baselines
+are majority and `bag` on |bag(a) - bag(b)|, the difference of the two
+documents' token shares (how differently their bytes are distributed).
+
+The regressions train with Adam (optax; `LEARNING_RATE`, `BATCH_SIZE`,
 `EPOCHS` below) on the task's train split, keep the epoch best on
 validation, and are scored on test with the model's metrics (accuracy,
 macro F1, confusion matrix, ...). Writes baselines.json to the workdir and
-prints a table. Only for tasks with the `classify` head.
+prints a table. For tasks with the `classify` or `match` head.
 """
 from __future__ import annotations
 
@@ -41,13 +45,14 @@ _READ_CHUNK = 1024          # examples fetched from a data source at a time
 
 
 def load(source) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(inputs [n, seq] int32, lengths [n], labels [n]) of a whole split."""
+  """(inputs [n, seq] int32, lengths [n], labels [n]) of a whole split
+  (inputs [n, 2, seq] and lengths [n, 2] for pairs)."""
   inputs, lengths, labels = [], [], []
   for start in range(0, len(source), _READ_CHUNK):
     batch = source.__getitems__(range(start, min(start + _READ_CHUNK,
                                                  len(source))))
     inputs.append(np.stack([x['inputs'] for x in batch]))
-    lengths.append(np.array([x['length'] for x in batch], np.int32))
+    lengths.append(np.stack([x['length'] for x in batch]).astype(np.int32))
     labels.append(np.array([x['label'] for x in batch], np.int32))
   return (np.concatenate(inputs), np.concatenate(lengths),
           np.concatenate(labels))
@@ -67,6 +72,21 @@ def bag_features(inputs, lengths, vocab_size: int) -> np.ndarray:
   counts = np.zeros((len(inputs), vocab_size), np.float32)
   np.add.at(counts, (rows[valid.ravel()], inputs.ravel()[valid.ravel()]), 1)
   return counts / np.maximum(lengths, 1)[:, None]
+
+
+def pair_bag_features(inputs, lengths, vocab_size: int) -> np.ndarray:
+  """|bag(a) - bag(b)| [n, vocab_size] of pairs: inputs [n, 2, seq]."""
+  n, _, seq = inputs.shape
+  bags = bag_features(inputs.reshape(2 * n, seq), lengths.reshape(2 * n),
+                      vocab_size).reshape(n, 2, vocab_size)
+  return np.abs(bags[:, 0] - bags[:, 1])
+
+
+# Features of each regression baseline, by head.
+FEATURES = {
+    'classify': (('linear', raw_features), ('bag', bag_features)),
+    'match': (('bag', pair_bag_features),),
+}
 
 
 def logistic_regression(train, validation, num_classes: int, seed: int,
@@ -122,9 +142,10 @@ def run(config, workdir: str) -> dict:
     raise ValueError('--workdir is required for --mode=baselines')
   trainer.prepare_workdir(workdir)
   task = tasks.get(config.task, trainer.default_data_dir(config))
-  if task.head != 'classify':
-    raise ValueError(f'baselines are for classification tasks; task '
-                     f'{task.name} has the {task.head!r} head')
+  if task.head not in FEATURES:
+    raise ValueError(f'baselines are for tasks with a '
+                     f'{" or ".join(FEATURES)} head; task {task.name} has '
+                     f'the {task.head!r} head')
   start = time.monotonic()
   data = {split: load(task.source(split)) for split in tasks.SPLITS}
   logging.info('baselines: loaded %s examples in %.0fs',
@@ -139,7 +160,7 @@ def run(config, workdir: str) -> dict:
                         np.full_like(data[split][2], majority),
                         task.num_classes)
          for split in ('validation', 'test')}}}
-  for name, features in (('linear', raw_features), ('bag', bag_features)):
+  for name, features in FEATURES[task.head]:
     start = time.monotonic()
     x = {split: features(*data[split][:2], task.vocab_size)
          for split in tasks.SPLITS}

@@ -24,6 +24,8 @@ _REGISTRY = {
     'image': ('tasks.image', 'configs.image'),
     'pathfinder': ('tasks.pathfinder', 'configs.pathfinder'),
     'pathx': ('tasks.pathfinder', 'configs.pathx'),
+    'text': ('tasks.text', 'configs.text'),
+    'retrieval': ('tasks.retrieval', 'configs.retrieval'),
 }
 NAMES = tuple(_REGISTRY)
 

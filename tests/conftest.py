@@ -1,5 +1,5 @@
 """Shared fixtures: one offline data dir per test session, small configs,
-and small idx files standing in for Debian's Fashion-MNIST."""
+and small files standing in for Debian's Fashion-MNIST and WordNet."""
 import gzip
 import os
 
@@ -45,6 +45,50 @@ def fashion_mnist_dir(tmp_path_factory):
   real, image.FASHION_MNIST_DIR = image.FASHION_MNIST_DIR, folder
   yield folder
   image.FASHION_MNIST_DIR = real
+
+
+def write_wordnet(folder, per_class=40, seed=0):
+  """data.noun and data.verb in WordNet's layout: `per_class` synsets in
+  every lexicographer file of those parts of speech, each synset's words
+  naming its file (e.g. 'act3 word'), after a licence header as the real
+  files have. Returns {lexname: [synset line text, ...]} as
+  tasks.wordnet.synset_text renders them."""
+  from tasks import wordnet
+  rng = np.random.default_rng(seed)
+  os.makedirs(folder, exist_ok=True)
+  texts = {}
+  for pos, data_file in (('noun', 'data.noun'), ('verb', 'data.verb')):
+    lines = ['  1 This software and database is provided by Princeton.  \n',
+             '  2 (a licence header line, as in the real files)  \n']
+    offset = 1000
+    for lexfile, name in enumerate(wordnet.LEXNAMES):
+      if not name.startswith(pos + '.'):
+        continue
+      stem = name.split('.')[1].lower()
+      for i in range(per_class):
+        words = [f'{stem}{i}', f'{stem}_thing_{i}']
+        gloss = ' '.join(rng.choice(['of', 'a', 'the', stem, 'kind',
+                                     'part', 'with'], 8))
+        lines.append(f'{offset:08d} {lexfile:02d} {pos[0]} 02 {words[0]} 0 '
+                     f'{words[1]} 0 000 | {gloss}  \n')
+        texts.setdefault(name, []).append(
+            f'{words[0]}, {words[1].replace("_", " ")}: {gloss}\n')
+        offset += 100
+    with open(os.path.join(folder, data_file), 'w') as f:
+      f.writelines(lines)
+  return texts
+
+
+@pytest.fixture(scope='session', autouse=True)
+def wordnet_dir(tmp_path_factory):
+  """The text tasks' default source: small data.* files this session wrote
+  (tests never depend on Debian's wordnet-base being installed)."""
+  from tasks import wordnet
+  folder = str(tmp_path_factory.mktemp('wordnet'))
+  write_wordnet(folder)
+  real, wordnet.WORDNET_DIR = wordnet.WORDNET_DIR, folder
+  yield folder
+  wordnet.WORDNET_DIR = real
 
 
 @pytest.fixture(scope='session')

@@ -1,4 +1,5 @@
-"""--mode=baselines: majority class and two logistic regressions."""
+"""--mode=baselines: majority class and logistic regressions, for single
+documents and pairs."""
 import json
 
 import numpy as np
@@ -17,6 +18,14 @@ def test_bag_features_are_token_shares_of_the_valid_positions():
   np.testing.assert_allclose(
       baselines.raw_features(inputs, lengths, 4),
       [[1 / 3, 1 / 3, 2 / 3, 0], [1, 0, 0, 0]])
+
+
+def test_pair_bag_features_are_the_difference_of_the_two_bags():
+  inputs = np.array([[[1, 1, 2, 0], [2, 0, 0, 0]]])
+  lengths = np.array([[3, 1]])
+  np.testing.assert_allclose(
+      baselines.pair_bag_features(inputs, lengths, 3),
+      [[0, 2 / 3, 1 - 1 / 3]])
 
 
 def test_logistic_regression_learns_a_linear_rule():
@@ -44,6 +53,15 @@ def test_baselines_mode_writes_every_baseline(smoke_config, tmp_path):
       test[majority['class']] / test.sum())
   assert result['examples']['test'] == test.sum() == 20
   assert 'linear' in baselines.table(result)
+
+
+def test_baselines_of_a_pair_task_are_majority_and_bag(smoke_config,
+                                                       tmp_path):
+  result = baselines.run(smoke_config('retrieval'), str(tmp_path / 'b'))
+  assert result['baselines'].keys() == {'majority', 'bag'}
+  assert result['examples']['test'] == 64
+  # Half the pairs share a file: majority is chance.
+  assert result['baselines']['majority']['test']['accuracy'] == 0.5
 
 
 def test_baselines_refuse_tasks_without_labels(smoke_config, tmp_path):

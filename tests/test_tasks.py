@@ -129,6 +129,9 @@ def test_lra_shapes_match_the_papers(tmp_path):
   assert (path.seq_len, path.vocab_size, path.num_classes) == (1024, 256, 2)
   assert tasks.get(task_config('pathx', 'lra'),
                    str(tmp_path)).seq_len == 16_384
+  for name in ('text', 'retrieval'):  # 4,000 bytes after the CLS token
+    task = tasks.get(task_config(name, 'lra'), str(tmp_path))
+    assert (task.seq_len, task.vocab_size, task.num_classes) == (4001, 258, 2)
 
 
 def test_unknown_split_is_rejected(listops_data):
