@@ -37,7 +37,7 @@ def _efficiency(**model) -> ml_collections.ConfigDict:
       batch_size=32,          # examples per step, on one device (LRA: 32)
       steps=10,               # timed train steps per cell, after warmup
       warmup_steps=2,         # untimed steps after compiling
-      vocab_size=257,         # byte-level tokens + padding, as LRA's text
+      vocab_size=258,         # padding, 256 bytes, CLS: the text task's
       num_classes=2,          # classification head, as LRA's text task
       model=model_cfg,        # model of every cell (all fields of config.model)
   ))

@@ -9,15 +9,7 @@ lexicographer file or not, 1K bytes per document, minutes on 2 cores), lra
 (LRA's AAN citation pairs from its released TSVs, 4K bytes per document, its
 model and schedule; accelerators).
 """
-from configs import default
-
-
-def _smoke(c):
-  c.task.update(max_length=128, doc_bytes=127, num_train=256,
-                num_validation=64, num_test=64)
-  c.model.update(num_layers=1, dim=32, num_heads=2, mlp_dim=64)
-  c.train.update(batch_size=16, num_steps=6, warmup_steps=2, eval_every=3,
-                 log_every=2, checkpoint_every=3)
+from configs import default, text
 
 
 def _cpu(c):
@@ -56,18 +48,10 @@ def get_config(arg=None):
       dataset='wordnet',        # 'wordnet' (offline) | 'lra_release' (AAN TSVs)
       max_length=1024,          # tokens per document: CLS + up to this - 1
                                 # bytes
-      # wordnet: documents, their classes and the pairs (tasks/wordnet.py)
-      source_dir='',            # WordNet data.* files; '' -> Debian's
-                                # /usr/share/wordnet (wordnet-base)
-      classes='',               # lexicographer files, comma-separated;
-                                # '' -> the 13 largest noun files
-      doc_bytes=1023,           # a document: synsets until >= this many bytes
-      num_train=20_000,         # pairs per split (half from one file)
-      num_validation=1_000,
-      num_test=2_000,
-      data_seed=0,              # synset splits and pairs
+      data_seed=0,              # wordnet: synset splits and pairs
       # lra_release
       manual_dir='',            # folder of new_aan_pairs.{train,eval,test}.tsv
   )
+  text.wordnet_fields(c)        # wordnet: the documents and their classes
   return default.with_preset(
-      c, arg, {'smoke': _smoke, 'cpu': _cpu, 'lra': _lra}, default='cpu')
+      c, arg, {'smoke': text.smoke, 'cpu': _cpu, 'lra': _lra}, default='cpu')

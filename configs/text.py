@@ -11,7 +11,8 @@ use; accelerators).
 from configs import default
 
 
-def _smoke(c):
+def smoke(c):
+  """The smoke preset (configs/retrieval.py's too)."""
   c.task.update(max_length=128, doc_bytes=127, num_train=256,
                 num_validation=64, num_test=64)
   c.model.update(num_layers=1, dim=32, num_heads=2, mlp_dim=64)
@@ -50,13 +51,9 @@ def get_config(arg=None):
       name='text',
       dataset='wordnet',        # 'wordnet' (offline) | 'imdb_reviews' (TFDS)
       max_length=1024,          # tokens per input: CLS + up to this - 1 bytes
-      # wordnet: documents and their classes (tasks/wordnet.py)
-      source_dir='',            # WordNet data.* files; '' -> Debian's
-                                # /usr/share/wordnet (wordnet-base)
-      classes='',               # lexicographer files, comma-separated;
-                                # '' -> the 13 largest noun files
-      doc_bytes=1023,           # a document: synsets until >= this many bytes
-      num_train=20_000,         # documents per split (balanced over classes)
+  )
+  wordnet_fields(c)
+  c.task.update(
       num_validation=1_300,
       num_test=2_600,
       # imdb_reviews
@@ -65,4 +62,19 @@ def get_config(arg=None):
       data_seed=0,              # synset splits and documents; IMDb's cut
   )
   return default.with_preset(
-      c, arg, {'smoke': _smoke, 'cpu': _cpu, 'lra': _lra}, default='cpu')
+      c, arg, {'smoke': smoke, 'cpu': _cpu, 'lra': _lra}, default='cpu')
+
+
+def wordnet_fields(c):
+  """The offline WordNet corpus's fields (tasks/wordnet.py), shared with
+  configs/retrieval.py."""
+  c.task.update(
+      source_dir='',            # WordNet data.* files; '' -> Debian's
+                                # /usr/share/wordnet (wordnet-base)
+      classes='',               # lexicographer files, comma-separated;
+                                # '' -> the 13 largest noun files
+      doc_bytes=1023,           # a document: synsets until >= this many bytes
+      num_train=20_000,         # examples per split: documents (text,
+      num_validation=1_000,     # balanced over classes) or pairs
+      num_test=2_000,           # (retrieval, half from one file)
+  )

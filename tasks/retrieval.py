@@ -150,11 +150,7 @@ class AanPairs(builders.OfflineBuilder, skip_registration=True):
 # -- the task ----------------------------------------------------------------
 
 def check(task_config) -> None:
-  if task_config.dataset not in DATASETS:
-    raise ValueError(f'task.dataset={task_config.dataset!r}; valid: '
-                     f'{", ".join(DATASETS)}')
-  builders.check_range('max_length', task_config.max_length, 2,
-                       because='a CLS token and at least one byte')
+  text.check_documents(task_config, DATASETS)
   if task_config.dataset == 'lra_release' and not task_config.manual_dir:
     raise ValueError("task.dataset='lra_release' reads LRA's TSVs from "
                      'task.manual_dir; set --config.task.manual_dir')

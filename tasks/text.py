@@ -194,12 +194,17 @@ class ImdbSources:
 
 # -- the task ----------------------------------------------------------------
 
-def check(task_config) -> None:
-  if task_config.dataset not in DATASETS:
+def check_documents(task_config, datasets: Sequence[str]) -> None:
+  """The fields every byte-level task has: dataset and max_length."""
+  if task_config.dataset not in datasets:
     raise ValueError(f'task.dataset={task_config.dataset!r}; valid: '
-                     f'{", ".join(DATASETS)}')
+                     f'{", ".join(datasets)}')
   builders.check_range('max_length', task_config.max_length, 2,
                        because='a CLS token and at least one byte')
+
+
+def check(task_config) -> None:
+  check_documents(task_config, DATASETS)
   builders.check_range('validation_percent', task_config.validation_percent,
                        1, 99)
 

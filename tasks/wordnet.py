@@ -161,7 +161,8 @@ class Corpus:
   def documents(self, split: str, label: int, doc_bytes: int, count: int,
                 rng: np.random.Generator) -> list[bytes]:
     """`count` documents of class `label` that share no synset, each at
-    least doc_bytes long (or the whole pool's share, if it is smaller)."""
+    least doc_bytes long; a ValueError if the class's pool of the split is
+    too small for them."""
     pool = self.pools[split][label]
     order = iter(rng.permutation(len(pool)))
     docs = []
@@ -171,6 +172,12 @@ class Corpus:
         doc += pool[j]
         if len(doc) >= doc_bytes:
           break
+      if len(doc) < doc_bytes:
+        raise ValueError(
+            f'{self.names[label]} has {len(pool)} {split} synsets '
+            f'({sum(map(len, pool))} bytes), too few for {count} '
+            f'document(s) of task.doc_bytes={doc_bytes}: lower doc_bytes or '
+            'choose larger files in task.classes')
       docs.append(doc)
     return docs
 

@@ -47,7 +47,7 @@ def fashion_mnist_dir(tmp_path_factory):
   image.FASHION_MNIST_DIR = real
 
 
-def write_wordnet(folder, per_class=40, seed=0):
+def write_wordnet(folder, per_class=100, seed=0):
   """data.noun and data.verb in WordNet's layout: `per_class` synsets in
   every lexicographer file of those parts of speech, each synset's words
   naming its file (e.g. 'act3 word'), after a licence header as the real

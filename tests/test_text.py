@@ -117,6 +117,13 @@ def test_missing_package_names_it(tmp_path, monkeypatch):
     task.source('train')
 
 
+def test_a_pool_too_small_for_a_document_is_refused(tmp_path):
+  task = tasks.get(_config(doc_bytes=5000), str(tmp_path))
+  with pytest.raises(ValueError, match='too few for 1 document.*'
+                                       'task.doc_bytes=5000'):
+    task.source('train')
+
+
 def test_bad_settings_are_refused(tmp_path):
   for overrides, message in (({'dataset': 'nope'}, "task.dataset='nope'"),
                              ({'max_length': 1}, 'task.max_length=1'),
