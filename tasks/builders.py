@@ -297,6 +297,44 @@ def absolute(data_dir: str) -> str | None:
   return os.path.abspath(data_dir) if data_dir else None
 
 
+def validation_cut(n: int, percent: int, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """(kept indices in order, held-out indices in order) of n examples, the
+  held-out ones `percent` % of them chosen at random by seed."""
+  held = np.zeros(n, bool)
+  held[np.random.default_rng(seed).permutation(n)[:n * percent // 100]] = True
+  return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def prepare_catalog(builder: tfds.core.DatasetBuilder, name: str,
+                    data_dir: str | None, download: bool, offline: str,
+                    explain: Callable[[Exception, str], str | None] = (
+                        lambda error, where: None)
+                    ) -> tfds.core.DatasetBuilder:
+  """A TFDS catalog dataset's builder (cifar10, imdb_reviews), downloaded
+  and prepared on first use when `download` is True. What stops it is one
+  FileNotFoundError line: `explain(error, where)` when it has one, else the
+  download failure's first line and the offline dataset to use instead."""
+  if builder.is_prepared():
+    return builder
+  where = data_dir or 'the TFDS data dir'
+  if not download:
+    raise FileNotFoundError(
+        f'{name} is not prepared in {where}: set '
+        '--config.task.download=True on a machine with internet access, '
+        'or --config.data_dir to a TFDS data dir that holds it')
+  try:
+    builder.download_and_prepare(file_format=FILE_FORMAT)
+  except Exception as e:  # network, disk, missing packages: one line
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise FileNotFoundError(
+        explain(e, where) or
+        f'{name} could not be downloaded into {where} ({first}); run once '
+        'where the internet is reachable, or use '
+        f'--config.task.dataset={offline} (offline)') from e
+  return builder
+
+
 def padded(tokens: np.ndarray, seq_len: int, dtype=np.int32) -> np.ndarray:
   """tokens right-padded with 0 to seq_len."""
   out = np.zeros(seq_len, dtype)

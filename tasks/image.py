@@ -108,11 +108,9 @@ def fashion_mnist_splits(params: Mapping[str, Any]) -> dict[str, Any]:
                        f'{x.shape}, labels {y.shape}')
     arrays[split] = x, y.astype(np.int32)
   x, y = arrays['train']
-  rng = np.random.default_rng(params['data_seed'])
-  held = np.zeros(len(x), bool)
-  held[rng.permutation(len(x))[:len(x) * params['validation_percent'] // 100]
-       ] = True
-  parts = {'train': (x[~held], y[~held]), 'validation': (x[held], y[held]),
+  kept, held = builders.validation_cut(
+      len(x), params['validation_percent'], params['data_seed'])
+  parts = {'train': (x[kept], y[kept]), 'validation': (x[held], y[held]),
            'test': arrays['test']}
   return {split: ({'image': image, 'label': label}
                   for image, label in zip(*part))
@@ -154,7 +152,8 @@ def _cifar10_builder(data_dir: str | None):
   return tfds.builder('cifar10', data_dir=data_dir)
 
 
-def _why_not_prepared(error: Exception, where: str) -> str:
+def _why_not_prepared(error: Exception, where: str) -> str | None:
+  """What to do when preparing cifar10 failed for want of TensorFlow."""
   chain, e = [], error
   while e is not None:
     chain.append(e)
@@ -166,10 +165,7 @@ def _why_not_prepared(error: Exception, where: str) -> str:
             'TensorFlow is installed (tfds build cifar10 '
             '--file_format=array_record) and copy its cifar10 folder into '
             f'{where}; reading it needs no TensorFlow')
-  first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-  return (f'cifar10 could not be downloaded into {where} ({first}); run '
-          'once where the internet is reachable, or use '
-          '--config.task.dataset=fashion_mnist (offline)')
+  return None
 
 
 class Cifar10Sources:
@@ -182,18 +178,9 @@ class Cifar10Sources:
     self.limits = dict(limits)
 
   def __call__(self, split: str) -> builders.Examples:
-    builder = _cifar10_builder(self.data_dir)
-    if not builder.is_prepared():
-      where = self.data_dir or 'the TFDS data dir'
-      if not self.download:
-        raise FileNotFoundError(
-            f'cifar10 is not prepared in {where}: set '
-            '--config.task.download=True on a machine with internet access, '
-            'or --config.data_dir to a TFDS data dir that holds it')
-      try:
-        builder.download_and_prepare(file_format=builders.FILE_FORMAT)
-      except Exception as e:  # network, disk, TensorFlow: one line each
-        raise FileNotFoundError(_why_not_prepared(e, where)) from e
+    builder = builders.prepare_catalog(
+        _cifar10_builder(self.data_dir), 'cifar10', self.data_dir,
+        self.download, offline='fashion_mnist', explain=_why_not_prepared)
     source = builder.as_data_source(CIFAR10_SPLITS[split])
     return builders.Examples(source, cifar10_example,
                              self.limits.get(split, 0))

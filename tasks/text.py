@@ -140,15 +140,6 @@ class Subset(Sequence):
                                       for i in indices])
 
 
-def validation_cut(n: int, percent: int, seed: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-  """(kept indices in order, held-out indices in order) of n examples, the
-  held-out ones `percent` % chosen at random by seed."""
-  held = np.zeros(n, bool)
-  held[np.random.default_rng(seed).permutation(n)[:n * percent // 100]] = True
-  return np.flatnonzero(~held), np.flatnonzero(held)
-
-
 class ImdbSources:
   """split -> Examples over TFDS's imdb_reviews (validation cut from train),
   prepared (downloaded) on first use when allowed."""
@@ -161,32 +152,15 @@ class ImdbSources:
     self.validation_percent = validation_percent
     self.seed = seed
 
-  def _prepared(self):
-    builder = _imdb_builder(self.data_dir)
-    if not builder.is_prepared():
-      where = self.data_dir or 'the TFDS data dir'
-      if not self.download:
-        raise FileNotFoundError(
-            f'{IMDB} is not prepared in {where}: set '
-            '--config.task.download=True on a machine with internet access, '
-            'or --config.data_dir to a TFDS data dir that holds it')
-      try:
-        builder.download_and_prepare(file_format=builders.FILE_FORMAT)
-      except Exception as e:  # network, disk: one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise FileNotFoundError(
-            f'{IMDB} could not be downloaded into {where} ({first}); run '
-            'once where the internet is reachable, or use '
-            '--config.task.dataset=wordnet (offline)') from e
-    return builder
-
   def __call__(self, split: str) -> builders.Examples:
-    builder = self._prepared()
+    builder = builders.prepare_catalog(
+        _imdb_builder(self.data_dir), IMDB, self.data_dir, self.download,
+        offline='wordnet')
     if split == 'test':
       return builders.Examples(builder.as_data_source('test'),
                                self.preprocess)
     train = builder.as_data_source('train')
-    kept, held = validation_cut(len(train), self.validation_percent,
+    kept, held = builders.validation_cut(len(train), self.validation_percent,
                                 self.seed)
     return builders.Examples(Subset(train, kept if split == 'train' else held),
                              self.preprocess)
