@@ -33,6 +33,7 @@ _REGISTRY = {
                           'num_summary': 8}),
     'bigbird': ('bigbird', {'block_size': 64, 'num_global': 2,
                             'num_random': 3, 'seed': 0}),
+    'linear': ('linear', {'chunk': 64}),
 }
 KINDS = tuple(_REGISTRY)
 
