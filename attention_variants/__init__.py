@@ -34,6 +34,8 @@ _REGISTRY = {
     'bigbird': ('bigbird', {'block_size': 64, 'num_global': 2,
                             'num_random': 3, 'seed': 0}),
     'linear': ('linear', {'chunk': 64}),
+    'longformer': ('longformer', {'window': 128, 'num_global': 1,
+                                  'block': 128}),
 }
 KINDS = tuple(_REGISTRY)
 
