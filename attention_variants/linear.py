@@ -84,7 +84,7 @@ def _bidirectional(phiq, phik, v):
 def _causal(phiq, phik, v, chunk):
   """Prefix sums over j <= i, chunk by chunk; returns (num, den) for the
   first n_q query rows."""
-  b, n_q, kvh, g, d = phiq.shape
+  b, n_q, kvh, _, d = phiq.shape
   n_k, e = phik.shape[1], v.shape[-1]
   chunk = min(chunk, max(n_q, n_k, 1))
   n = masks.ceil_div(max(n_q, n_k, 1), chunk) * chunk

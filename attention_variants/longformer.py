@@ -57,8 +57,8 @@ from jax import lax
 from attention_variants import full
 from attention_variants import local
 from attention_variants import masks
-from attention_variants.blocksparse import as_mask, as_pos, for_allowed
-from attention_variants.blocksparse import key_layout
+from attention_variants.blocksparse import (as_mask, as_pos, for_allowed,
+                                            key_layout)
 
 IMPLEMENTATIONS = ('auto', 'xla', 'reference')
 
