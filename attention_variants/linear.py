@@ -33,6 +33,10 @@ chunk and recomputes the chunk's [C, C] weights, jax.checkpoint on the scan
 step). No N x N array exists in `attend`; `weights` builds the dense
 normalised kernel matrix (for tests and pictures on short inputs only).
 
+The kernel-attention routines (`feature_attention`, `causal_sums`,
+`feature_weights`) take feature-mapped queries and keys of any feature size
+and are shared with `performer`, which differs only in its feature map.
+
 Implementations:
   xla        the computation above (any backend).
   reference  the dense normalised kernel matrix times V; O(N^2), for tests.
@@ -59,13 +63,6 @@ def feature_map(x):
   return jax.nn.elu(x.astype(jnp.float32)) + 1.0
 
 
-def _keys(k, v, kl):
-  """(phi(k), v) in float32 with padded keys' features zeroed [b, n, kvh, d]."""
-  valid = jnp.arange(k.shape[1])[None, :] < kl[:, None]
-  phik = jnp.where(valid[:, :, None, None], feature_map(k), 0.0)
-  return phik, v.astype(jnp.float32)
-
-
 def _normalise(num, den, keep):
   """num / den where den > 0 and the row is kept, else zeros."""
   ok = (den > 0.0) & keep
@@ -73,17 +70,27 @@ def _normalise(num, den, keep):
 
 
 def _bidirectional(phiq, phik, v):
-  """phiq [b, n_q, kvh, g, d], phik/v [b, n_k, kvh, d] -> (num, den)."""
+  """phiq [b, n_q, kvh, g, f], phik [b, n_k, kvh, f], v [b, n_k, kvh, e]
+  -> (num, den)."""
   s = jnp.einsum('bskd,bske->bkde', phik, v)
-  z = jnp.sum(phik, axis=1)  # [b, kvh, d]
+  z = jnp.sum(phik, axis=1)  # [b, kvh, f]
   num = jnp.einsum('bqkgd,bkde->bqkge', phiq, s)
   den = jnp.einsum('bqkgd,bkd->bqkg', phiq, z)[..., None]
   return num, den
 
 
-def _causal(phiq, phik, v, chunk):
-  """Prefix sums over j <= i, chunk by chunk; returns (num, den) for the
-  first n_q query rows."""
+def causal_sums(phiq, phik, v, chunk):
+  """Prefix sums over j <= i, chunk by chunk; (num, den) for the first n_q
+  query rows: num_i = sum_{j<=i} (phiq_i . phik_j) v_j, den_i = sum_{j<=i}
+  phiq_i . phik_j.
+
+  phiq [b, n_q, kvh, g, f], phik [b, n_k, kvh, f], v [b, n_k, kvh, e], all
+  float32, for any feature size f (linear's f = d, performer's f = m). A
+  lax.scan over chunks of `chunk` positions carries the [f, e] state of all
+  earlier chunks; inside a chunk the [chunk, chunk] kernel is used directly.
+  The step is rematerialised (jax.checkpoint), so the backward pass keeps
+  one state per chunk: memory O((N / chunk) f e + N chunk).
+  """
   b, n_q, kvh, _, d = phiq.shape
   n_k, e = phik.shape[1], v.shape[-1]
   chunk = min(chunk, max(n_q, n_k, 1))
@@ -97,7 +104,7 @@ def _causal(phiq, phik, v, chunk):
   lower = jnp.tril(jnp.ones((chunk, chunk), bool))
 
   def step(state, xs):
-    s, z = state  # [b, kvh, d, e], [b, kvh, d]: every earlier chunk
+    s, z = state  # [b, kvh, f, e], [b, kvh, f]: every earlier chunk
     qc, kc, vc = xs
     a = jnp.einsum('bqkgd,bskd->bkgqs', qc, kc)
     a = jnp.where(lower, a, 0.0)
@@ -118,34 +125,58 @@ def _causal(phiq, phik, v, chunk):
   return unchunk(num), unchunk(den)
 
 
+def feature_attention(phiq, phik, v, *, causal, q_lengths, kv_lengths,
+                      chunk, dtype):
+  """Normalised kernel attention from feature-mapped queries and keys.
+
+  phiq [b, n_q, kvh, g, f] and phik [b, n_k, kvh, f]: non-negative float32
+  features; v [b, n_k, kvh, e]; q_lengths/kv_lengths int32 [b]. Padded keys'
+  features are zeroed here; padded query rows and rows with no visible key
+  are zeros. Returns [b, n_q, kvh * g, e] in `dtype`. Shared by linear and
+  performer (which differ only in the feature map).
+  """
+  b, n_q = phiq.shape[:2]
+  valid = jnp.arange(phik.shape[1])[None, :] < kv_lengths[:, None]
+  phik = jnp.where(valid[:, :, None, None], phik, 0.0)
+  vf = v.astype(jnp.float32)
+  if causal:
+    num, den = causal_sums(phiq, phik, vf, chunk)
+  else:
+    num, den = _bidirectional(phiq, phik, vf)
+  keep = (jnp.arange(n_q)[None, :] < q_lengths[:, None])[:, :, None, None,
+                                                         None]
+  out = _normalise(num, den, keep)
+  return out.reshape(b, n_q, -1, v.shape[-1]).astype(dtype)
+
+
+def feature_weights(phiq, phik, mask):
+  """Dense float32 [b, kvh * g, n_q, n_k]: phiq_i . phik_j where `mask`
+  ([b, 1|h, n_q, n_k]) allows it, each row divided by its sum (rows without
+  keys are zeros)."""
+  b, n_q, kvh, g, _ = phiq.shape
+  a = jnp.einsum('bqkgd,bskd->bkgqs', phiq, phik).reshape(
+      b, kvh * g, n_q, phik.shape[1])
+  a = jnp.where(mask, a, 0.0)
+  return _normalise(a, jnp.sum(a, axis=-1, keepdims=True), True)
+
+
 def linear_attention(q, k, v, *, causal, q_lengths, kv_lengths, chunk):
   """Linear attention [b, q_len, h, d] in q's dtype, no N x N array."""
   kv_heads, _ = masks.check_inputs(q, k, v)
-  b, n_q, h, _ = q.shape
   ql, kl = masks.valid_lengths(q, k, q_lengths, kv_lengths)
-  phiq = feature_map(masks.group_queries(q, kv_heads))
-  phik, vf = _keys(k, v, kl)
-  if causal:
-    num, den = _causal(phiq, phik, vf, chunk)
-  else:
-    num, den = _bidirectional(phiq, phik, vf)
-  keep = (jnp.arange(n_q)[None, :] < ql[:, None])[:, :, None, None, None]
-  out = _normalise(num, den, keep)
-  return out.reshape(b, n_q, h, v.shape[-1]).astype(q.dtype)
+  return feature_attention(
+      feature_map(masks.group_queries(q, kv_heads)), feature_map(k), v,
+      causal=causal, q_lengths=ql, kv_lengths=kl, chunk=chunk, dtype=q.dtype)
 
 
 def kernel_weights(q, k, *, causal, q_lengths, kv_lengths):
   """Dense float32 [b, h, q_len, kv_len]: phi(q_i) . phi(k_j) on the visible
   keys, each row divided by its sum (rows without keys are zeros)."""
   kv_heads, _ = masks.check_inputs(q, k, k)
-  b, n_q, h, _ = q.shape
-  a = jnp.einsum('bqkgd,bskd->bkgqs',
-                 feature_map(masks.group_queries(q, kv_heads)),
-                 feature_map(k)).reshape(b, h, n_q, k.shape[1])
   mask = full.full_mask(q, k, causal=causal, q_lengths=q_lengths,
                         kv_lengths=kv_lengths)
-  a = jnp.where(mask, a, 0.0)
-  return _normalise(a, jnp.sum(a, axis=-1, keepdims=True), True)
+  return feature_weights(feature_map(masks.group_queries(q, kv_heads)),
+                         feature_map(k), mask)
 
 
 def weights(q, k, v, params, *, implementation='auto', causal=False,
