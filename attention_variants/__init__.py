@@ -36,6 +36,8 @@ _REGISTRY = {
     'linear': ('linear', {'chunk': 64}),
     'longformer': ('longformer', {'window': 128, 'num_global': 1,
                                   'block': 128}),
+    'performer': ('performer', {'num_features': 256, 'redraw_every': 1,
+                                'seed': 0, 'chunk': 64}),
 }
 KINDS = tuple(_REGISTRY)
 

@@ -1,0 +1,195 @@
+"""Performer attention, FAVOR+ (Choromanski et al. 2021, "Rethinking
+Attention with Performers"): softmax attention through positive orthogonal
+random features, O(N m d).
+
+Softmax's exp(q . k / sqrt(d)) is replaced by the estimate phi(q) . phi(k)
+with the positive random features
+
+  phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m),   x' = x / d^(1/4),
+
+W = [w_1 .. w_m] of shape [m, d]. Each w_r is marginally a standard
+Gaussian vector, so E[exp(w . x' - |x'|^2/2) exp(w . y' - |y'|^2/2)] =
+exp(x' . y') = exp(q . k / sqrt(d)): an unbiased estimate of the softmax
+kernel, and positive, so every weight is > 0 (tested). For query i over its
+visible keys j (j < kv_length; causal also j <= i, top-left aligned):
+
+  out_i = sum_j (phi(q_i) . phi(k_j)) v_j / sum_j phi(q_i) . phi(k_j).
+
+Orthogonal features: W is built in blocks of d rows; each block is Q^T of
+the QR decomposition of a d x d standard Gaussian matrix (Q's columns
+multiplied by the signs of R's diagonal, so Q is Haar distributed), the last
+block cut to m mod d rows; then every row is rescaled by the norm of an
+independent standard Gaussian d-vector (chi distributed with d degrees of
+freedom), so each row is again marginally N(0, I) and the estimate stays
+unbiased while rows within a block are exactly orthogonal. One W per kv
+head; the query heads of a GQA group share it (q and k must use the same
+features).
+
+Numerical stability (as the paper's code): exponents are shifted before exp
+by constants that cancel in the normalisation. For a query row the shift is
+c_i = max_r (w_r . q_i' - |q_i'|^2 / 2), its own largest exponent (so its
+largest feature is exactly 1/sqrt(m) and a row never underflows to all
+zeros); it multiplies row i's numerator and denominator alike by
+exp(-c_i). For keys the shift is ONE constant c_K per (batch row, kv head):
+the largest exponent over all valid keys and all features; it multiplies
+every key's features, hence every term of every row, by exp(-c_K), which
+cancels too (it must not be per key: that would reweight the keys). A
+shift is 0 where there is no valid key. Shifts are stop_gradient (the
+output does not depend on them). Under causal attention c_K also looks at
+later keys; since it cancels this changes only rounding, not what a query
+sees. Padded keys' exponents are masked before exp (their features are
+exactly 0, with no inf in the backward pass).
+
+Bidirectional: one sum over keys (S = sum_j phi(k_j) v_j^T [m, d], z =
+sum_j phi(k_j) [m]). Causal: prefix sums chunk by chunk, linear.py's
+`causal_sums` (lax.scan carrying the [m, d] state, quadratic inside a
+chunk, jax.checkpoint on the scan step). Query rows at or past q_length and
+rows with no visible key are zeros. Statistics are float32 (q, k, v and W
+taken to float32); the output is in q's dtype.
+
+Hyperparameters (config.attention.performer):
+  num_features  m, random features per kv head, an integer >= 1 (default
+                256). The estimate's variance falls as 1/m.
+  redraw_every  1 (default): draw W from the `rng` the model passes, so the
+                features change every training step (the trainer passes
+                fold_in(step key, layer)); at evaluation the trainer passes
+                one fixed key, so evaluation features are fixed by
+                config.seed, and a call with rng=None (no key at all) draws
+                from `seed`. 0: never redraw: W always comes from `seed`,
+                in training and evaluation alike (rng ignored). Other values
+                (redraw every R > 1 steps) are rejected: attention receives
+                a key, not the step number, so it cannot tell when R steps
+                have passed.
+  seed          integer >= 0: W = draw(PRNGKey(seed)) when no rng is used
+                (the model offsets it by the layer index, so layers differ).
+  chunk         positions per causal chunk, an integer >= 1 (default 64,
+                clamped to the sequence); it changes only rounding;
+                bidirectional attention does not use it.
+
+Complexity (N tokens, head dim d, m features, chunk C): bidirectional O(N m
+d) time, O(N m + m d) memory; causal O(N C m + N m d) time and O(N m + N C
++ (N / C) m d) memory, forward and backward. Drawing W: ceil(m / d) QR
+decompositions of d x d per kv head, O(m d^2). No N x N array exists in
+`attend`; `weights` builds the dense normalised kernel matrix for the same
+features attend draws with the same rng (tests and pictures only).
+
+Implementations:
+  xla        the computation above (any backend).
+  reference  the dense normalised kernel matrix (same features) times V;
+             O(N^2), for tests.
+  auto       xla.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from attention_variants import full
+from attention_variants import linear
+from attention_variants import masks
+
+IMPLEMENTATIONS = ('auto', 'xla', 'reference')
+
+
+def check_params(params):
+  masks.check_positive_int('attention.performer.num_features',
+                           params['num_features'])
+  redraw = params['redraw_every']
+  if isinstance(redraw, bool) or redraw not in (0, 1):
+    raise ValueError(
+        f'attention.performer.redraw_every={redraw!r} is invalid: must be 1 '
+        '(new features from the rng every training step) or 0 (features '
+        'fixed by seed); redrawing every R > 1 steps is not supported, '
+        'attention does not receive the step number')
+  masks.check_positive_int('attention.performer.seed', params['seed'],
+                           minimum=0)
+  masks.check_positive_int('attention.performer.chunk', params['chunk'])
+
+
+def feature_key(rng, params):
+  """The key W is drawn from: rng, or PRNGKey(seed) when rng is None or
+  redraw_every is 0."""
+  if rng is None or params['redraw_every'] == 0:
+    return jax.random.PRNGKey(params['seed'])
+  return rng
+
+
+def projections(key, num_features: int, head_dim: int, kv_heads: int):
+  """W: float32 [kv_heads, num_features, head_dim], orthogonal blocks of
+  head_dim rows with chi-distributed row norms (see the module docstring)."""
+  d, m = head_dim, num_features
+  blocks = masks.ceil_div(m, d)
+  k_dirs, k_norms = jax.random.split(key)
+  g = jax.random.normal(k_dirs, (kv_heads, blocks, d, d), jnp.float32)
+  qmat, r = jnp.linalg.qr(g)
+  qmat = qmat * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
+  rows = jnp.swapaxes(qmat, -1, -2).reshape(kv_heads, blocks * d, d)[:, :m]
+  norms = jnp.linalg.norm(
+      jax.random.normal(k_norms, (kv_heads, m, d), jnp.float32), axis=-1)
+  return rows * norms[..., None]
+
+
+def exponents(x, w):
+  """w_r . x' - |x'|^2 / 2 with x' = x / d^(1/4), float32.
+
+  x [b, n, kvh, d] (keys) or [b, n, kvh, g, d] (grouped queries), w [kvh,
+  m, d]; returns [..., kvh, (g,) m]."""
+  x = x.astype(jnp.float32) * x.shape[-1] ** -0.25
+  sq = 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
+  if x.ndim == 5:
+    return jnp.einsum('bnkgd,kmd->bnkgm', x, w) - sq
+  return jnp.einsum('bnkd,kmd->bnkm', x, w) - sq
+
+
+def features(q, k, w, kv_lengths):
+  """(phi(q) [b, n_q, kvh, g, m], phi(k) [b, n_k, kvh, m]), float32, with
+  the stabilising shifts of the module docstring; padded keys' features 0."""
+  kv_heads = k.shape[2]
+  m = w.shape[1]
+  eq = exponents(masks.group_queries(q, kv_heads), w)
+  ek = exponents(k, w)
+  c_q = jax.lax.stop_gradient(jnp.max(eq, axis=-1, keepdims=True))
+  valid = (jnp.arange(k.shape[1])[None, :]
+           < kv_lengths[:, None])[:, :, None, None]  # [b, n_k, 1, 1]
+  ek = jnp.where(valid, ek, masks.NEG_INF)
+  c_k = jnp.max(ek, axis=(1, 3), keepdims=True)  # [b, 1, kvh, 1]
+  c_k = jax.lax.stop_gradient(jnp.where(c_k > 0.5 * masks.NEG_INF, c_k, 0.0))
+  norm = 1.0 / math.sqrt(m)
+  phiq = jnp.exp(eq - c_q) * norm
+  phik = jnp.where(valid, jnp.exp(ek - c_k), 0.0) * norm
+  return phiq, phik
+
+
+def _setup(q, k, v, params, rng, q_lengths, kv_lengths):
+  check_params(params)
+  kv_heads, _ = masks.check_inputs(q, k, v)
+  ql, kl = masks.valid_lengths(q, k, q_lengths, kv_lengths)
+  w = projections(feature_key(rng, params), params['num_features'],
+                  q.shape[-1], kv_heads)
+  phiq, phik = features(q, k, w, kl)
+  return phiq, phik, ql, kl
+
+
+def weights(q, k, v, params, *, implementation='auto', causal=False,
+            q_lengths=None, kv_lengths=None, rng=None):
+  """Dense float32 [b, h, q_len, kv_len]: the normalised random-feature
+  kernel for the features attend draws with the same rng and params."""
+  del implementation
+  phiq, phik, _, _ = _setup(q, k, v, params, rng, q_lengths, kv_lengths)
+  mask = full.full_mask(q, k, causal=causal, q_lengths=q_lengths,
+                        kv_lengths=kv_lengths)
+  return linear.feature_weights(phiq, phik, mask)
+
+
+def attend(q, k, v, params, *, implementation='auto', causal=False,
+           q_lengths=None, kv_lengths=None, rng=None):
+  if implementation == 'reference':
+    w = weights(q, k, v, params, causal=causal, q_lengths=q_lengths,
+                kv_lengths=kv_lengths, rng=rng)
+    return full.probs_times_v(w, v, q.dtype)
+  phiq, phik, ql, kl = _setup(q, k, v, params, rng, q_lengths, kv_lengths)
+  return linear.feature_attention(
+      phiq, phik, v, causal=causal, q_lengths=ql, kv_lengths=kl,
+      chunk=params['chunk'], dtype=q.dtype)
