@@ -38,6 +38,8 @@ _REGISTRY = {
                                   'block': 128}),
     'performer': ('performer', {'num_features': 256, 'redraw_every': 1,
                                 'seed': 0, 'chunk': 64}),
+    'nystromformer': ('nystromformer', {'num_landmarks': 64,
+                                        'pinv_iterations': 6}),
 }
 KINDS = tuple(_REGISTRY)
 
