@@ -13,8 +13,9 @@ Modes (--mode):
   compare   the variants x tasks x seeds sweep with its tables and plots:
             --config=configs/compare.py:<preset>.
   baselines what a classification task scores without attention (majority
-            class, logistic regression on the raw tokens and on their
-            histogram): --config=configs/<task>.py:<preset>.
+            class, logistic regression on the raw tokens, on their
+            histogram and on their trigrams):
+            --config=configs/<task>.py:<preset>.
 
 Exit status: 0 done (or stopped by --max_steps_this_run); 1 an error the
 user can fix, printed as one line starting with 'error:'; 143 (128 +

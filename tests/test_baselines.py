@@ -28,6 +28,22 @@ def test_pair_bag_features_are_the_difference_of_the_two_bags():
       [[0, 2 / 3, 1 - 1 / 3]])
 
 
+def test_trigram_features_count_the_trigrams_inside_the_valid_positions():
+  inputs = np.array([[1, 2, 3, 1, 2, 3, 7], [1, 2, 3, 0, 0, 0, 0],
+                     [3, 2, 1, 1, 0, 0, 0], [5, 5, 0, 0, 0, 0, 0]])
+  lengths = np.array([6, 3, 4, 2])
+  x = baselines.trigram_features(inputs, lengths, 8)
+  np.testing.assert_allclose(x.sum(1), [1, 1, 1, 0])
+  # Row 0: (1,2,3) twice, (2,3,1) and (3,1,2) once; the 7 is past length.
+  assert sorted(x[0][x[0] > 0]) == [0.25, 0.25, 0.5]
+  np.testing.assert_array_equal(x[1] > 0, x[0] == 0.5)   # one (1,2,3)
+  # Order matters: (3,2,1) is not (1,2,3), though the bags are equal.
+  assert not np.any((x[2] > 0) & (x[1] > 0))
+  pair = baselines.pair_trigram_features(inputs[None, :2], lengths[None, :2],
+                                         8)
+  np.testing.assert_allclose(pair[0], np.abs(x[0] - x[1]))
+
+
 def test_logistic_regression_learns_a_linear_rule():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(600, 5)).astype(np.float32)
@@ -43,7 +59,8 @@ def test_baselines_mode_writes_every_baseline(smoke_config, tmp_path):
   config = smoke_config('image')
   result = baselines.run(config, str(tmp_path / 'b'))
   on_disk = json.loads((tmp_path / 'b' / 'baselines.json').read_text())
-  assert on_disk['baselines'].keys() == {'majority', 'linear', 'bag'}
+  assert on_disk['baselines'].keys() == {'majority', 'linear', 'bag',
+                                         'trigram'}
   task = tasks.get(config.task, config.data_dir)
   train = np.bincount([x['label'] for x in task.source('train')])
   test = np.bincount([x['label'] for x in task.source('test')], minlength=10)
@@ -58,7 +75,7 @@ def test_baselines_mode_writes_every_baseline(smoke_config, tmp_path):
 def test_baselines_of_a_pair_task_are_majority_and_bag(smoke_config,
                                                        tmp_path):
   result = baselines.run(smoke_config('retrieval'), str(tmp_path / 'b'))
-  assert result['baselines'].keys() == {'majority', 'bag'}
+  assert result['baselines'].keys() == {'majority', 'bag', 'trigram'}
   assert result['examples']['test'] == 64
   # Half the pairs share a file: majority is chance.
   assert result['baselines']['majority']['test']['accuracy'] == 0.5
