@@ -194,17 +194,6 @@ def test_bad_params_raise(spec, name):
     av.attend(q, k, v, spec)
 
 
-def _grad_bytes(spec, n, heads=2, head_dim=8):
-  """Temp + output bytes of the compiled gradient of attention at length n."""
-  q = jnp.zeros((1, n, heads, head_dim))
-  def loss(q, k, v):
-    return jnp.sum(av.attend(q, k, v, spec, causal=True) ** 2)
-  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  mem = grad.lower(q, q, q).compile().memory_analysis()
-  if mem is None:
-    pytest.skip('no memory analysis on this backend')
-  return mem.temp_size_in_bytes + mem.output_size_in_bytes
-
 
 @pytest.mark.parametrize('spec', [
     {'kind': 'blockwise', 'blockwise': {'q_block': 64, 'kv_block': 64}},
@@ -213,6 +202,4 @@ def _grad_bytes(spec, n, heads=2, head_dim=8):
 def test_backward_memory_is_linear_in_length(spec):
   """Doubling N at most doubles forward + backward memory (N x N would 4x)."""
   n, heads = 1024, 2
-  small, large = _grad_bytes(spec, n, heads), _grad_bytes(spec, 2 * n, heads)
-  assert large <= 2.2 * small, (small, large)
-  assert large < (2 * n) ** 2 * heads * 4 / 4  # well below one score matrix
+  kit.assert_backward_memory_is_linear(spec, causal=True, n=n, heads=heads)

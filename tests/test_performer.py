@@ -297,22 +297,9 @@ def test_bad_params_raise(name, value, match):
     av.attend(q, k, v, spec)
 
 
-def _grad_bytes(spec, n, causal, heads=2, head_dim=8):
-  """Temp + output bytes of the compiled gradient of attention at length n."""
-  q = jnp.zeros((1, n, heads, head_dim))
-  loss = lambda q, k, v: jnp.sum(av.attend(q, k, v, spec, causal=causal) ** 2)
-  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  mem = grad.lower(q, q, q).compile().memory_analysis()
-  if mem is None:
-    pytest.skip('no memory analysis on this backend')
-  return mem.temp_size_in_bytes + mem.output_size_in_bytes
-
 
 @pytest.mark.parametrize('causal', [False, True], ids=['bidir', 'causal'])
 def test_backward_memory_is_linear_in_length(causal):
   """Doubling N at most doubles forward + backward memory (N x N would 4x)."""
   n, heads, spec = 1024, 2, _spec(chunk=16, num_features=16)
-  small = _grad_bytes(spec, n, causal, heads)
-  large = _grad_bytes(spec, 2 * n, causal, heads)
-  assert large <= 2.2 * small, (small, large)
-  assert large < (2 * n) ** 2 * heads * 4 / 4  # well below one score matrix
+  kit.assert_backward_memory_is_linear(spec, causal=causal, n=n, heads=heads)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import attention_variants as av
 
@@ -79,3 +80,27 @@ def assert_close(got, want, *, atol: float, rtol: float = 0.0):
     return
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=atol,
                              rtol=rtol)
+
+
+def grad_bytes(spec, n: int, *, causal: bool, heads: int = 2,
+               head_dim: int = 8) -> int:
+  """Temp + output bytes of the compiled gradient of attention at length n
+  (skips the test where the backend reports no memory analysis)."""
+  q = jnp.zeros((1, n, heads, head_dim))
+  def loss(q, k, v):
+    return jnp.sum(av.attend(q, k, v, spec, causal=causal) ** 2)
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  mem = grad.lower(q, q, q).compile().memory_analysis()
+  if mem is None:
+    pytest.skip('no memory analysis on this backend')
+  return mem.temp_size_in_bytes + mem.output_size_in_bytes
+
+
+def assert_backward_memory_is_linear(spec, *, causal: bool, n: int = 1024,
+                                     heads: int = 2) -> None:
+  """Doubling N at most doubles (x 2.2) forward + backward memory, and it
+  stays well below one float32 N x N score matrix (N x N would 4x)."""
+  small = grad_bytes(spec, n, causal=causal, heads=heads)
+  large = grad_bytes(spec, 2 * n, causal=causal, heads=heads)
+  assert large <= 2.2 * small, (small, large)
+  assert large < (2 * n) ** 2 * heads, (large, n)
