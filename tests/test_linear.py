@@ -17,28 +17,6 @@ ATOL = 1e-5
 _jit = functools.partial(
     jax.jit, compiler_options={'xla_backend_optimization_level': 0})
 
-# Four batch rows: full, no valid key at all, short queries, short keys.
-Q_LENGTHS = (21, 17, 6, 21)
-KV_LENGTHS = (21, 0, 9, 4)
-
-
-def _inputs(n_q=21, n_k=21, kv_heads=2, dtype=jnp.float32):
-  q, k, v = kit.inputs(n_q, n_k, batch=len(Q_LENGTHS), heads=4,
-                       kv_heads=kv_heads, head_dim=8, scale=0.5, dtype=dtype)
-  ql = jnp.asarray(np.minimum(Q_LENGTHS, n_q), jnp.int32)
-  kl = jnp.asarray(np.minimum(KV_LENGTHS, n_k), jnp.int32)
-  return q, k, v, ql, kl
-
-
-def _visible(n_q, n_k, ql, kl, causal):
-  """bool [b, 1, n_q, n_k]: padding and causality, written out densely."""
-  i = np.arange(n_q)[:, None]
-  j = np.arange(n_k)[None, :]
-  ok = ((i < np.asarray(ql)[:, None, None])
-        & (j < np.asarray(kl)[:, None, None]))
-  if causal:
-    ok &= j <= i
-  return ok[:, None]
 
 
 def _dense_kernel(q, k, ql, kl, causal):
@@ -47,7 +25,7 @@ def _dense_kernel(q, k, ql, kl, causal):
   groups = q.shape[2] // k.shape[2]
   kr = jnp.repeat(k, groups, axis=2)
   a = jnp.einsum('bqhd,bshd->bhqs', phi(q), phi(kr))
-  a = jnp.where(_visible(q.shape[1], k.shape[1], ql, kl, causal), a, 0.0)
+  a = jnp.where(kit.visible(q.shape[1], k.shape[1], ql, kl, causal), a, 0.0)
   den = a.sum(-1, keepdims=True)
   return jnp.where(den > 0, a / jnp.where(den > 0, den, 1.0), 0.0)
 
@@ -72,7 +50,7 @@ def _spec(**params):
     (3, 22, 13, 2),    # more queries than keys
 ])
 def test_matches_dense_kernel_attention(chunk, n_q, n_k, kv_heads, causal):
-  q, k, v, ql, kl = _inputs(n_q, n_k, kv_heads)
+  q, k, v, ql, kl = kit.padded_inputs(n_q, n_k, kv_heads)
   spec = _spec(chunk=chunk)
   got, want = kit.outputs_and_grads([
       lambda q, k, v: av.attend(q, k, v, spec, causal=causal, q_lengths=ql,
@@ -87,7 +65,7 @@ def test_matches_dense_kernel_attention(chunk, n_q, n_k, kv_heads, causal):
 
 @pytest.mark.parametrize('causal', [False, True], ids=['bidir', 'causal'])
 def test_weights_are_the_normalised_kernel(causal):
-  q, k, v, ql, kl = _inputs(13, 22, kv_heads=2)
+  q, k, v, ql, kl = kit.padded_inputs(13, 22, kv_heads=2)
   spec = _spec(chunk=4)
   kw = dict(causal=causal, q_lengths=ql, kv_lengths=kl)
   run = _jit(lambda q, k, v: (av.attention_weights(q, k, v, spec, **kw),
@@ -96,7 +74,7 @@ def test_weights_are_the_normalised_kernel(causal):
   assert w.shape == (4, 4, 13, 22) and w.dtype == jnp.float32
   np.testing.assert_allclose(w, _dense_kernel(q, k, ql, kl, causal),
                              atol=1e-6)
-  has_key = _visible(13, 22, ql, kl, causal).any(-1)  # [b, 1, n_q]
+  has_key = kit.visible(13, 22, ql, kl, causal).any(-1)  # [b, 1, n_q]
   np.testing.assert_allclose(w.sum(-1), np.broadcast_to(has_key, (4, 4, 13)),
                              atol=1e-6)
   vr = jnp.repeat(v, 2, axis=2)
@@ -108,7 +86,7 @@ def test_weights_are_the_normalised_kernel(causal):
 
 
 def test_chunk_changes_only_rounding():
-  q, k, v, ql, kl = _inputs()
+  q, k, v, ql, kl = kit.padded_inputs()
   outs = [_jit(lambda q, k, v, c=c: av.attend(
       q, k, v, _spec(chunk=c), causal=True, q_lengths=ql, kv_lengths=kl))(
           q, k, v) for c in (2, 6, 21)]
@@ -118,7 +96,7 @@ def test_chunk_changes_only_rounding():
 
 def test_no_lengths_and_low_precision():
   """bfloat16 in, bfloat16 out, float32 statistics."""
-  q, k, v, _, _ = _inputs(19, 19, dtype=jnp.bfloat16)
+  q, k, v, _, _ = kit.padded_inputs(19, 19, dtype=jnp.bfloat16)
   out = _jit(lambda q, k, v: av.attend(q, k, v, _spec(chunk=8),
                                        causal=True))(q, k, v)
   assert out.dtype == jnp.bfloat16
@@ -134,7 +112,7 @@ def test_bad_chunk_raises(value):
   with pytest.raises(ValueError, match=rf'attention.linear.chunk={value!r}'
                                        r'.*>= 1'):
     av.validate(spec)
-  q, k, v, _, _ = _inputs(5, 5)
+  q, k, v, _, _ = kit.padded_inputs(5, 5)
   with pytest.raises(ValueError, match='chunk'):
     av.attend(q, k, v, spec)
 

@@ -19,19 +19,6 @@ ATOL = 1e-5
 _jit = functools.partial(
     jax.jit, compiler_options={'xla_backend_optimization_level': 0})
 
-# Four batch rows: full, no valid key at all, short queries, short keys (so
-# late queries of a narrow window see only the global keys, or nothing).
-Q_LENGTHS = (21, 17, 6, 21)
-KV_LENGTHS = (21, 0, 9, 4)
-
-
-def _inputs(n_q=21, n_k=21, kv_heads=2, dtype=jnp.float32):
-  q, k, v = kit.inputs(n_q, n_k, batch=len(Q_LENGTHS), heads=4,
-                       kv_heads=kv_heads, head_dim=8, scale=0.5, dtype=dtype)
-  ql = jnp.asarray(np.minimum(Q_LENGTHS, n_q), jnp.int32)
-  kl = jnp.asarray(np.minimum(KV_LENGTHS, n_k), jnp.int32)
-  return q, k, v, ql, kl
-
 
 def _expected_mask(n_q, n_k, ql, kl, *, window, num_global, causal):
   """bool [b, 1, n_q, n_k] from the definition, one (i, j) at a time."""
@@ -74,7 +61,7 @@ CASES = {
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_matches_dense_masked_softmax(case, causal):
   window, num_global, block, n_q, n_k, kv_heads = CASES[case]
-  q, k, v, ql, kl = _inputs(n_q, n_k, kv_heads)
+  q, k, v, ql, kl = kit.padded_inputs(n_q, n_k, kv_heads)
   mask = _expected_mask(n_q, n_k, ql, kl, window=window,
                         num_global=num_global, causal=causal)
   spec = _spec(window=window, num_global=num_global, block=block)
@@ -92,7 +79,7 @@ def test_matches_dense_masked_softmax(case, causal):
 @pytest.mark.parametrize('case', ['w3_g2_b4', 'w3_g2_b5_cross'])
 def test_weights_match_the_pattern(case, causal):
   window, num_global, block, n_q, n_k, kv_heads = CASES[case]
-  q, k, v, ql, kl = _inputs(n_q, n_k, kv_heads)
+  q, k, v, ql, kl = kit.padded_inputs(n_q, n_k, kv_heads)
   mask = _expected_mask(n_q, n_k, ql, kl, window=window,
                         num_global=num_global, causal=causal)
   spec = _spec(window=window, num_global=num_global, block=block)
@@ -118,7 +105,7 @@ def test_weights_match_the_pattern(case, causal):
     {'window': 1, 'num_global': 21, 'block': 8},      # num_global = N
 ], ids=['window_exact', 'window_huge', 'all_global'])
 def test_equals_full_attention(params, causal):
-  q, k, v, ql, kl = _inputs()
+  q, k, v, ql, kl = kit.padded_inputs()
   spec = _spec(**params)
   got, want = kit.outputs_and_grads([
       lambda q, k, v: av.attend(q, k, v, spec, causal=causal, q_lengths=ql,
@@ -129,7 +116,7 @@ def test_equals_full_attention(params, causal):
 
 
 def test_no_global_equals_local():
-  q, k, v, ql, kl = _inputs()
+  q, k, v, ql, kl = kit.padded_inputs()
   kw = dict(causal=False, q_lengths=ql, kv_lengths=kl)
   run = _jit(lambda q, k, v: (
       av.attend(q, k, v, _spec(window=3, num_global=0, block=4), **kw),
@@ -140,7 +127,7 @@ def test_no_global_equals_local():
 
 def test_no_lengths_and_low_precision():
   """bfloat16 in, bfloat16 out, float32 statistics."""
-  q, k, v, _, _ = _inputs(19, 19, dtype=jnp.bfloat16)
+  q, k, v, _, _ = kit.padded_inputs(19, 19, dtype=jnp.bfloat16)
   spec = _spec(window=3, num_global=2, block=8)
   out = _jit(lambda q, k, v: av.attend(q, k, v, spec, causal=True))(q, k, v)
   assert out.dtype == jnp.bfloat16
@@ -162,7 +149,7 @@ def test_bad_params_raise(name, value):
   with pytest.raises(ValueError,
                      match=rf'attention.longformer.{name}={value!r}.*>= '):
     av.validate(spec)
-  q, k, v, _, _ = _inputs(5, 5)
+  q, k, v, _, _ = kit.padded_inputs(5, 5)
   with pytest.raises(ValueError, match=name):
     av.attend(q, k, v, spec)
 

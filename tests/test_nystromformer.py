@@ -18,19 +18,10 @@ from attention_variants import nystromformer
 _jit = functools.partial(
     jax.jit, compiler_options={'xla_backend_optimization_level': 0})
 
-# Four batch rows: full, no valid key at all, short queries, short keys.
-Q_LENGTHS = (21, 17, 6, 21)
-KV_LENGTHS = (21, 0, 9, 3)
 
-
-def _inputs(n_q=21, n_k=21, kv_heads=2, dtype=jnp.float32, scale=1.0,
-            seed=0):
-  q, k, v = kit.inputs(n_q, n_k, batch=len(Q_LENGTHS), heads=4,
-                       kv_heads=kv_heads, head_dim=8, scale=scale,
-                       dtype=dtype, seed=seed)
-  ql = jnp.asarray(np.minimum(Q_LENGTHS, n_q), jnp.int32)
-  kl = jnp.asarray(np.minimum(KV_LENGTHS, n_k), jnp.int32)
-  return q, k, v, ql, kl
+# Nystromformer's inputs: unit scale, the last row with 3 keys.
+_inputs = functools.partial(kit.padded_inputs, scale=1.0,
+                            kv_lengths=(21, 0, 9, 3))
 
 
 def _spec(**params):

@@ -20,19 +20,6 @@ ATOL = 1e-5
 _jit = functools.partial(
     jax.jit, compiler_options={'xla_backend_optimization_level': 0})
 
-# Four batch rows: full, no valid key at all, short queries, short keys.
-Q_LENGTHS = (21, 17, 6, 21)
-KV_LENGTHS = (21, 0, 9, 4)
-
-
-def _inputs(n_q=21, n_k=21, kv_heads=2, dtype=jnp.float32, seed=0):
-  q, k, v = kit.inputs(n_q, n_k, batch=len(Q_LENGTHS), heads=4,
-                       kv_heads=kv_heads, head_dim=8, scale=0.5, dtype=dtype,
-                       seed=seed)
-  ql = jnp.asarray(np.minimum(Q_LENGTHS, n_q), jnp.int32)
-  kl = jnp.asarray(np.minimum(KV_LENGTHS, n_k), jnp.int32)
-  return q, k, v, ql, kl
-
 
 def _spec(**params):
   return kit.spec('performer', **params)
@@ -47,16 +34,6 @@ def _phi(x, w):
   return jnp.exp(e) / np.sqrt(w.shape[1])
 
 
-def _visible(n_q, n_k, ql, kl, causal):
-  """bool [b, 1, n_q, n_k]: padding and causality, written out densely."""
-  i = np.arange(n_q)[:, None]
-  j = np.arange(n_k)[None, :]
-  ok = ((i < np.asarray(ql)[:, None, None])
-        & (j < np.asarray(kl)[:, None, None]))
-  if causal:
-    ok &= j <= i
-  return ok[:, None]
-
 
 def _dense_kernel(q, k, w, ql, kl, causal):
   """[b, h, n_q, n_k]: phi(q_i) . phi(k_j), masked, rows normalised; the
@@ -65,7 +42,7 @@ def _dense_kernel(q, k, w, ql, kl, causal):
   wq = jnp.repeat(w, groups, axis=0)
   kr = jnp.repeat(k, groups, axis=2)
   a = jnp.einsum('bqhm,bshm->bhqs', _phi(q, wq), _phi(kr, wq))
-  a = jnp.where(_visible(q.shape[1], k.shape[1], ql, kl, causal), a, 0.0)
+  a = jnp.where(kit.visible(q.shape[1], k.shape[1], ql, kl, causal), a, 0.0)
   den = a.sum(-1, keepdims=True)
   return jnp.where(den > 0, a / jnp.where(den > 0, den, 1.0), 0.0)
 
@@ -131,7 +108,7 @@ def test_error_against_softmax_falls_with_more_features():
 ])
 def test_matches_dense_kernel_attention(chunk, n_q, n_k, kv_heads, m,
                                         causal):
-  q, k, v, ql, kl = _inputs(n_q, n_k, kv_heads)
+  q, k, v, ql, kl = kit.padded_inputs(n_q, n_k, kv_heads)
   spec = _spec(chunk=chunk, num_features=m)
   key = jax.random.PRNGKey(3)
   w = performer.projections(key, m, 8, kv_heads)
@@ -147,7 +124,7 @@ def test_matches_dense_kernel_attention(chunk, n_q, n_k, kv_heads, m,
 
 @pytest.mark.parametrize('causal', [False, True], ids=['bidir', 'causal'])
 def test_weights_are_the_kernel_attend_uses(causal):
-  q, k, v, ql, kl = _inputs(13, 22, kv_heads=2)
+  q, k, v, ql, kl = kit.padded_inputs(13, 22, kv_heads=2)
   spec = _spec(chunk=4, num_features=16)
   key = jax.random.PRNGKey(7)
   kw = dict(causal=causal, q_lengths=ql, kv_lengths=kl, rng=key)
@@ -160,7 +137,7 @@ def test_weights_are_the_kernel_attend_uses(causal):
   w = performer.projections(key, 16, 8, 2)
   np.testing.assert_allclose(a, _dense_kernel(q, k, w, ql, kl, causal),
                              atol=1e-6)
-  has_key = _visible(13, 22, ql, kl, causal).any(-1)
+  has_key = kit.visible(13, 22, ql, kl, causal).any(-1)
   np.testing.assert_allclose(a.sum(-1), np.broadcast_to(has_key, (4, 4, 13)),
                              atol=1e-6)
   vr = jnp.repeat(v, 2, axis=2)
@@ -183,7 +160,7 @@ def _dense_float64(q, k, v, w, ql, kl, causal):
   s = (exponent(q)[:, :, None] + exponent(np.repeat(k, groups, 2))[:, None])
   top = s.max(-1, keepdims=True)
   log_a = (top + np.log(np.exp(s - top).sum(-1, keepdims=True)))[..., 0]
-  log_a = np.where(_visible(q.shape[1], k.shape[1], ql, kl, causal),
+  log_a = np.where(kit.visible(q.shape[1], k.shape[1], ql, kl, causal),
                    log_a.transpose(0, 3, 1, 2), -np.inf)
   top = log_a.max(-1, keepdims=True)
   a = np.exp(log_a - np.where(np.isfinite(top), top, 0.0))
@@ -197,7 +174,7 @@ def test_the_shifts_keep_a_large_query_exact(causal):
   """One query of norm ~30x the others: exp(-|q'|^2 / 2) underflows in
   float32, so the unshifted features give that row zeros; the shifted ones
   still give the kernel's output (checked in float64), gradients finite."""
-  q, k, v, ql, kl = _inputs(9, 9, kv_heads=2)
+  q, k, v, ql, kl = kit.padded_inputs(9, 9, kv_heads=2)
   q = q.at[0, 3].multiply(30.0)
   key = jax.random.PRNGKey(0)
   w = performer.projections(key, 16, 8, 2)
@@ -216,7 +193,7 @@ def test_the_shifts_keep_a_large_query_exact(causal):
 
 
 def test_features_fixed_by_seed_and_redrawn_from_rng():
-  q, k, v, ql, kl = _inputs(10, 10)
+  q, k, v, ql, kl = kit.padded_inputs(10, 10)
 
   @_jit
   def outs(q, k, v):
@@ -266,7 +243,7 @@ def test_blocks_are_orthogonal_with_chi_norms():
 
 def test_no_lengths_and_low_precision():
   """bfloat16 in, bfloat16 out, float32 statistics."""
-  q, k, v, _, _ = _inputs(19, 19, dtype=jnp.bfloat16)
+  q, k, v, _, _ = kit.padded_inputs(19, 19, dtype=jnp.bfloat16)
   key = jax.random.PRNGKey(0)
   spec = _spec(chunk=8, num_features=16)
   out = _jit(lambda q, k, v: av.attend(q, k, v, spec, causal=True,
@@ -292,7 +269,7 @@ def test_bad_params_raise(name, value, match):
   spec = _spec(**{name: value})
   with pytest.raises(ValueError, match=rf'attention.performer.{match}'):
     av.validate(spec)
-  q, k, v, _, _ = _inputs(5, 5)
+  q, k, v, _, _ = kit.padded_inputs(5, 5)
   with pytest.raises(ValueError, match=name):
     av.attend(q, k, v, spec)
 

@@ -82,6 +82,35 @@ def assert_close(got, want, *, atol: float, rtol: float = 0.0):
                              rtol=rtol)
 
 
+# Four batch rows: full, no valid key at all, short queries, short keys.
+Q_LENGTHS = (21, 17, 6, 21)
+KV_LENGTHS = (21, 0, 9, 4)
+
+
+def padded_inputs(n_q: int = 21, n_k: int = 21, kv_heads: int = 2, *,
+                  scale: float = 0.5, seed: int = 0, dtype=jnp.float32,
+                  kv_lengths=KV_LENGTHS):
+  """(q, k, v, q_lengths, kv_lengths) of `inputs` with 4 heads of 8 over
+  the four batch rows of Q_LENGTHS and kv_lengths (cut to n_q and n_k)."""
+  q, k, v = inputs(n_q, n_k, batch=len(Q_LENGTHS), heads=4,
+                   kv_heads=kv_heads, head_dim=8, scale=scale, seed=seed,
+                   dtype=dtype)
+  ql = jnp.asarray(np.minimum(Q_LENGTHS, n_q), jnp.int32)
+  kl = jnp.asarray(np.minimum(kv_lengths, n_k), jnp.int32)
+  return q, k, v, ql, kl
+
+
+def visible(n_q, n_k, ql, kl, causal) -> np.ndarray:
+  """bool [b, 1, n_q, n_k]: padding and causality, written out densely."""
+  i = np.arange(n_q)[:, None]
+  j = np.arange(n_k)[None, :]
+  ok = ((i < np.asarray(ql)[:, None, None])
+        & (j < np.asarray(kl)[:, None, None]))
+  if causal:
+    ok &= j <= i
+  return ok[:, None]
+
+
 def grad_bytes(spec, n: int, *, causal: bool, heads: int = 2,
                head_dim: int = 8) -> int:
   """Temp + output bytes of the compiled gradient of attention at length n
