@@ -2,14 +2,34 @@
 
     import attention_variants as av
     out = av.attend(q, k, v, spec, causal=False, q_lengths=None,
-                    kv_lengths=None, rng=None)
+                    kv_lengths=None, rng=None, learned=None)
     w = av.attention_weights(q, k, v, spec, ...)
+    learned = av.init_learned(spec, key, num_heads=..., num_kv_heads=...,
+                              head_dim=..., max_len=...)
 
 `spec` is a mapping: spec['kind'] names the variant, spec[kind] holds its
 hyperparameters (missing ones take the registry's defaults below), and
 spec['implementation'] says how to compute it. Each variant module exposes
 `attend`, `weights`, `IMPLEMENTATIONS` and optionally `check_params`, and
 documents its hyperparameters in its docstring.
+
+Kinds that own learned parameters (Linformer's projections, Sinkhorn's
+sorting network, ...) also expose
+
+    init(key, params, *, num_heads, num_kv_heads, head_dim, max_len)
+        -> dict[str, float32 array]
+
+and their `attend` and `weights` take a keyword `learned` (that dict, or
+one of the same structure being trained). The model creates the dict once
+per layer through `init_learned`, holds each array as a trainable
+parameter and passes it back through `attend(..., learned=...)`; it never
+asks which kind it holds. `init_learned` of a parameter-free kind is {} and
+its `attend` is called exactly as before (no `learned` keyword).
+
+A kind whose random features are redrawn during training names the period
+in a `redraw_every` hyperparameter; `redraw_every(spec)` reads it (1 for
+every other kind) and the trainer then keeps the attention key fixed for
+that many steps (train/step.py: train_keys).
 
 The registry is plain data: importing this package imports neither jax nor
 any variant (configs read the kinds and their defaults from it); a
@@ -91,23 +111,66 @@ def resolve(spec: Mapping):
   return variant, params, impl
 
 
+def owns_parameters(spec: Mapping) -> bool:
+  """Whether the spec's kind has learned parameters (its module has `init`)."""
+  variant, _, _ = resolve(spec)
+  return hasattr(variant, 'init')
+
+
+def init_learned(spec: Mapping, key, *, num_heads: int, num_kv_heads: int,
+                 head_dim: int, max_len: int) -> dict:
+  """The kind's learned parameters for one layer: {name: float32 array}.
+
+  {} for a parameter-free kind (`key` unused).
+  """
+  variant, params, _ = resolve(spec)
+  if not hasattr(variant, 'init'):
+    return {}
+  return dict(variant.init(key, params, num_heads=num_heads,
+                           num_kv_heads=num_kv_heads, head_dim=head_dim,
+                           max_len=max_len))
+
+
+def _learned_kw(variant, kind, learned) -> dict:
+  """The `learned` keyword for the variant's attend/weights, checked."""
+  if hasattr(variant, 'init'):
+    if learned is None:
+      raise ValueError(f'attention kind {kind!r} owns learned parameters: '
+                       'pass learned= (made by init_learned)')
+    return {'learned': learned}
+  if learned:
+    raise ValueError(f'attention kind {kind!r} has no learned parameters, '
+                     f'got {", ".join(sorted(learned))}')
+  return {}
+
+
 def attend(q, k, v, spec, *, causal=False, q_lengths=None, kv_lengths=None,
-           rng=None):
+           rng=None, learned=None):
   """Attention output [batch, q_len, heads, head_dim] in q's dtype."""
   variant, params, impl = resolve(spec)
   return variant.attend(q, k, v, params, implementation=impl, causal=causal,
-                        q_lengths=q_lengths, kv_lengths=kv_lengths, rng=rng)
+                        q_lengths=q_lengths, kv_lengths=kv_lengths, rng=rng,
+                        **_learned_kw(variant, spec['kind'], learned))
 
 
 def attention_weights(q, k, v, spec, *, causal=False, q_lengths=None,
-                      kv_lengths=None, rng=None):
+                      kv_lengths=None, rng=None, learned=None):
   """Dense float32 probabilities [batch, heads, q_len, kv_len] the variant used.
 
   For tests and pictures on short sequences only.
   """
   variant, params, impl = resolve(spec)
   return variant.weights(q, k, v, params, implementation=impl, causal=causal,
-                         q_lengths=q_lengths, kv_lengths=kv_lengths, rng=rng)
+                         q_lengths=q_lengths, kv_lengths=kv_lengths, rng=rng,
+                         **_learned_kw(variant, spec['kind'], learned))
+
+
+def redraw_every(spec: Mapping) -> int:
+  """Steps between new attention keys in training: the kind's
+  `redraw_every` hyperparameter, else 1 (a new key every step). 0 (never)
+  counts as 1 here: such a kind ignores the key."""
+  _, params, _ = resolve(spec)
+  return max(int(params.get('redraw_every', 1)), 1)
 
 
 def validate(spec: Mapping):

@@ -50,16 +50,15 @@ taken to float32); the output is in q's dtype.
 Hyperparameters (config.attention.performer):
   num_features  m, random features per kv head, an integer >= 1 (default
                 256). The estimate's variance falls as 1/m.
-  redraw_every  1 (default): draw W from the `rng` the model passes, so the
-                features change every training step (the trainer passes
-                fold_in(step key, layer)); at evaluation the trainer passes
-                one fixed key, so evaluation features are fixed by
-                config.seed, and a call with rng=None (no key at all) draws
-                from `seed`. 0: never redraw: W always comes from `seed`,
-                in training and evaluation alike (rng ignored). Other values
-                (redraw every R > 1 steps) are rejected: attention receives
-                a key, not the step number, so it cannot tell when R steps
-                have passed.
+  redraw_every  R, an integer >= 0. R >= 1: draw W from the `rng` the
+                model passes. The trainer passes a key that changes every R
+                training steps (train/step.py: train_keys, folded with the
+                layer index), so the features are redrawn every R steps
+                (default 1: every step); at evaluation it passes one fixed
+                key, so evaluation features are fixed by config.seed, and a
+                call with rng=None (no key at all) draws from `seed`. 0:
+                never redraw: W always comes from `seed`, in training and
+                evaluation alike (rng ignored).
   seed          integer >= 0: W = draw(PRNGKey(seed)) when no rng is used
                 (the model offsets it by the layer index, so layers differ).
   chunk         positions per causal chunk, an integer >= 1 (default 64,
@@ -96,13 +95,8 @@ IMPLEMENTATIONS = ('auto', 'xla', 'reference')
 def check_params(params):
   masks.check_positive_int('attention.performer.num_features',
                            params['num_features'])
-  redraw = params['redraw_every']
-  if isinstance(redraw, bool) or redraw not in (0, 1):
-    raise ValueError(
-        f'attention.performer.redraw_every={redraw!r} is invalid: must be 1 '
-        '(new features from the rng every training step) or 0 (features '
-        'fixed by seed); redrawing every R > 1 steps is not supported, '
-        'attention does not receive the step number')
+  masks.check_positive_int('attention.performer.redraw_every',
+                           params['redraw_every'], minimum=0)
   masks.check_positive_int('attention.performer.seed', params['seed'],
                            minimum=0)
   masks.check_positive_int('attention.performer.chunk', params['chunk'])

@@ -286,9 +286,10 @@ def measure(model_cfg, spec: dict, seq_len: int, *, batch_size: int,
   state = setup.state
   batch = jax.device_put(synthetic_batch(task, batch_size))
   key = jax.random.key(0)
+  keys = lambda i: step_lib.train_keys(key, i, av.redraw_every(spec))
   peak_before = profile.device_peak_bytes()
   t0 = time.time()
-  step = step_lib.compile_train(setup, batch, key)
+  step = step_lib.compile_train(setup, batch, keys(0))
   compile_s = time.time() - t0
   memory = profile.compiled_memory(step)
   needed = memory['argument_bytes'] + memory['peak_bytes']
@@ -302,11 +303,11 @@ def measure(model_cfg, spec: dict, seq_len: int, *, batch_size: int,
             'available_bytes': available, 'compiled_memory': memory,
             'params': setup.num_params, 'compile_s': compile_s}
   for i in range(warmup_steps):
-    state, _ = step(state, batch, jax.random.fold_in(key, i))
+    state, _ = step(state, batch, keys(i))
   jax.block_until_ready(state)
   t0 = time.time()
   for i in range(steps):
-    state, _ = step(state, batch, jax.random.fold_in(key, warmup_steps + i))
+    state, _ = step(state, batch, keys(warmup_steps + i))
   jax.block_until_ready(state)
   seconds = time.time() - t0
   peak_after = profile.device_peak_bytes()

@@ -34,7 +34,8 @@ def _split(rng, n):
 class Attention(nnx.Module):
   """Multi-head (grouped-query) self-attention through `av.attend`."""
 
-  def __init__(self, dim, num_heads, num_kv_heads, spec, *, dtype, rngs):
+  def __init__(self, dim, num_heads, num_kv_heads, spec, *, max_len, dtype,
+               rngs):
     if dim % num_heads:
       raise ValueError(f'model.dim={dim} must be divisible by '
                        f'model.num_heads={num_heads}')
@@ -49,6 +50,15 @@ class Attention(nnx.Module):
     self.key = lin(dim, num_kv_heads * self.head_dim)
     self.value = lin(dim, num_kv_heads * self.head_dim)
     self.out = lin(num_heads * self.head_dim, dim)
+    # The kind's own parameters (av.init_learned), trained with the rest;
+    # None for a parameter-free kind, whose state is then unchanged.
+    self.learned = None
+    if av.owns_parameters(spec):
+      learned = av.init_learned(
+          spec, rngs.params(), num_heads=num_heads, num_kv_heads=num_kv_heads,
+          head_dim=self.head_dim, max_len=max_len)
+      self.learned = nnx.Dict({name: nnx.Param(jnp.asarray(value))
+                               for name, value in learned.items()})
 
   def _qkv(self, x):
     b, n, _ = x.shape
@@ -59,19 +69,21 @@ class Attention(nnx.Module):
 
   def __call__(self, x, lengths, *, causal, attention_rng):
     q, k, v = self._qkv(x)
+    learned = (None if self.learned is None else
+               {name: p[...] for name, p in self.learned.items()})
     y = av.attend(q, k, v, self.spec, causal=causal, q_lengths=lengths,
-                  kv_lengths=lengths, rng=attention_rng)
+                  kv_lengths=lengths, rng=attention_rng, learned=learned)
     return self.out(y.reshape(x.shape[0], x.shape[1], -1))
 
 
 class Block(nnx.Module):
   """Pre-LN: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
-  def __init__(self, cfg, spec, *, dtype, rngs):
+  def __init__(self, cfg, spec, *, max_len, dtype, rngs):
     kv_heads = cfg.num_kv_heads or cfg.num_heads
     self.ln1 = nnx.LayerNorm(cfg.dim, dtype=dtype, rngs=rngs)
-    self.attn = Attention(cfg.dim, cfg.num_heads, kv_heads, spec, dtype=dtype,
-                          rngs=rngs)
+    self.attn = Attention(cfg.dim, cfg.num_heads, kv_heads, spec,
+                          max_len=max_len, dtype=dtype, rngs=rngs)
     self.ln2 = nnx.LayerNorm(cfg.dim, dtype=dtype, rngs=rngs)
     self.mlp_in = nnx.Linear(cfg.dim, cfg.mlp_dim, dtype=dtype, rngs=rngs)
     self.mlp_out = nnx.Linear(cfg.mlp_dim, cfg.dim, dtype=dtype, rngs=rngs)
@@ -144,8 +156,9 @@ class Encoder(nnx.Module):
           nnx.initializers.normal(0.02)(rngs.params(), (max_len, cfg.dim)))
     else:
       self.pos = nnx.Variable(jnp.asarray(sinusoidal(max_len, cfg.dim)))
-    self.blocks = nnx.List([Block(cfg, layer_spec(spec, i), dtype=dtype,
-                                  rngs=rngs) for i in range(cfg.num_layers)])
+    self.blocks = nnx.List([Block(cfg, layer_spec(spec, i), max_len=max_len,
+                                  dtype=dtype, rngs=rngs)
+                            for i in range(cfg.num_layers)])
     self.ln = nnx.LayerNorm(cfg.dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, inputs, lengths, *, attention_rng, dropout_rng=None):

@@ -88,10 +88,11 @@ def test_match_head_learns_whether_two_documents_match():
   setup = step.build(_model_cfg(), {'kind': 'full'}, task, cfg, seed=0)
   rng = np.random.default_rng(1)
   example = _pairs(rng, 32)
-  train_step = step.compile_train(setup, example, jax.random.key(0))
+  key = jax.random.key(0)
+  train_step = step.compile_train(setup, example, step.train_keys(key, 0))
   state = setup.state
   for i in range(cfg.num_steps):
-    state, out = train_step(state, _pairs(rng, 32), jax.random.key(i))
+    state, out = train_step(state, _pairs(rng, 32), step.train_keys(key, i))
   assert np.isfinite(float(out['loss']))
   test = _pairs(np.random.default_rng(2), 256)
   eval_step = step.compile_eval(dataclasses.replace(setup, state=state),

@@ -259,7 +259,7 @@ def test_no_lengths_and_low_precision():
 @pytest.mark.parametrize('name,value,match', [
     ('num_features', 0, r'num_features=0 .*>= 1'),
     ('num_features', 2.5, r'num_features=2.5 .*>= 1'),
-    ('redraw_every', 2, r'redraw_every=2 .*step number'),
+    ('redraw_every', 2.0, r'redraw_every=2.0 .*>= 0'),
     ('redraw_every', -1, r'redraw_every=-1 '),
     ('redraw_every', True, r'redraw_every=True '),
     ('seed', -1, r'seed=-1 .*>= 0'),

@@ -2,11 +2,14 @@
 import json
 import os
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import tasks
 from tasks.heads import classify
+from train import step as step_lib
 from train import trainer
 
 
@@ -88,3 +91,23 @@ def test_evaluate_mode_rewrites_results(smoke_config, tmp_path):
       first['best_step'])
   with pytest.raises(ValueError, match='has no config.json'):
     trainer.evaluate_run(str(tmp_path / 'nothing'))
+
+
+def test_train_keys_redraw_the_attention_key_every_r_steps():
+  """R = 1: both keys split from fold_in(base, step), new every step. R = 3:
+  the attention key is that of steps 0, 3, 6, ...; dropout still changes
+  every step."""
+  base = jax.random.key(7)
+  data = lambda k: np.asarray(jax.random.key_data(k))
+  for s in range(4):
+    want = jax.random.split(jax.random.fold_in(base, s))
+    got = step_lib.train_keys(base, s)
+    np.testing.assert_array_equal(data(got[0]), data(want[0]))
+    np.testing.assert_array_equal(data(got[1]), data(want[1]))
+  att = [data(step_lib.train_keys(base, s, 3)[0]) for s in range(7)]
+  drop = [data(step_lib.train_keys(base, s, 3)[1]) for s in range(7)]
+  for s in range(7):
+    np.testing.assert_array_equal(att[s], att[s - s % 3])
+    np.testing.assert_array_equal(drop[s], data(step_lib.train_keys(base, s)[1]))
+  assert not np.array_equal(att[0], att[3]) and not np.array_equal(att[3], att[6])
+  assert len({d.tobytes() for d in drop}) == 7

@@ -2,7 +2,8 @@
 
     setup = step.build(config.model, config.attention, task, config.train,
                        seed=config.seed)
-    train_step = step.compile_train(setup, batch, key, accum_steps=1)
+    keys = step.train_keys(base_key, i, av.redraw_every(config.attention))
+    train_step = step.compile_train(setup, batch, keys, accum_steps=1)
     eval_step = step.compile_eval(setup, batch, key)
 
 The model is an encoder (models/transformer.py) under the task's head
@@ -80,17 +81,33 @@ def _mean_loss(model, batch, attention_rng, dropout_rng):
   return loss.sum() / jnp.maximum(weight.sum(), 1.0)
 
 
+def train_keys(base_key, step: int, redraw_every: int = 1):
+  """(attention key, dropout key) of training step `step`.
+
+  Both are split from fold_in(base_key, step). With redraw_every R > 1 the
+  attention key is the one of step R * floor(step / R): random features
+  (Performer's) are then redrawn every R steps; R = 1 is a new key every
+  step. Dropout always changes every step.
+  """
+  attention, dropout = jax.random.split(jax.random.fold_in(base_key, step))
+  if redraw_every > 1 and step % redraw_every:
+    attention, _ = jax.random.split(
+        jax.random.fold_in(base_key, step - step % redraw_every))
+  return attention, dropout
+
+
 def make_train_step(graphdef, accum_steps: int = 1):
-  """step(state, batch, key) -> (state, {'loss', 'grad_norm'}).
+  """step(state, batch, (attention key, dropout key)) -> (state, {'loss',
+  'grad_norm'}); the keys come from `train_keys`.
 
   With accum_steps > 1 the batch is split into that many micro-batches run
   one after another (a scan): the gradient is the same weighted mean over
   the whole batch, the memory that of one micro-batch; micro-batch i draws
   dropout from fold_in(dropout key, i).
   """
-  def step(state, batch, step_key):
+  def step(state, batch, keys):
     model, opt = nnx.merge(graphdef, state)
-    attention_key, dropout_key = jax.random.split(step_key)
+    attention_key, dropout_key = keys
     if accum_steps == 1:
       loss, grads = nnx.value_and_grad(_mean_loss)(
           model, batch, attention_key, dropout_key)
@@ -143,11 +160,11 @@ def make_eval_step(graphdef):
   return step
 
 
-def compile_train(setup: Setup, batch, key, *, accum_steps: int = 1):
-  """The train step compiled for these arguments' shapes and shardings,
-  with the state donated."""
+def compile_train(setup: Setup, batch, keys, *, accum_steps: int = 1):
+  """The train step compiled for these arguments' shapes and shardings
+  (`keys` as from train_keys), with the state donated."""
   return jax.jit(make_train_step(setup.graphdef, accum_steps),
-                 donate_argnums=0).lower(setup.state, batch, key).compile()
+                 donate_argnums=0).lower(setup.state, batch, keys).compile()
 
 
 def compile_eval(setup: Setup, batch, key):

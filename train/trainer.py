@@ -170,6 +170,7 @@ class Trainer:
     self.eval_batch_size = (config.train.eval_batch_size
                             or config.train.batch_size)
     self.base_key = jax.random.key(config.seed)
+    self.redraw_every = av.redraw_every(self.spec)
     # Evaluation uses one fixed attention key (LSH rotations fixed by seed).
     self.eval_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
     if config.train.warmup_steps > config.train.num_steps:
@@ -184,15 +185,18 @@ class Trainer:
   def _batch(self, batch):
     return jax.device_put(batch, self.data_sharding)
 
+  def _keys(self, step):
+    return step_lib.train_keys(self.base_key, step, self.redraw_every)
+
   def compile(self):
     """Compiles the train and eval steps (ahead of time) and checks that
     they fit in the memory available, before any step runs."""
     setup = dataclasses.replace(self.setup, state=self.state)
     example = self._batch(self.train_ds[0])
-    key = jax.random.fold_in(self.base_key, 0)
     t0 = time.time()
     self.train_step = step_lib.compile_train(
-        setup, example, key, accum_steps=grad_accum_steps(self.config))
+        setup, example, self._keys(0),
+        accum_steps=grad_accum_steps(self.config))
     logging.info('compiled train step in %.1fs', time.time() - t0)
     eval_example = next(data_lib.eval_batches(self.task.source('validation'),
                                               self.eval_batch_size))[0]
@@ -332,8 +336,7 @@ class Trainer:
       train_time, train_steps = 0.0, 0
       while step < stop_at and not self._stop_requested:
         batch = self._batch(self.train_ds[step])
-        key = jax.random.fold_in(self.base_key, step)
-        self.state, m = self.train_step(self.state, batch, key)
+        self.state, m = self.train_step(self.state, batch, self._keys(step))
         step += 1
         steps_since_log += 1
         pending.append((step, m))
