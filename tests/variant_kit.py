@@ -111,13 +111,27 @@ def visible(n_q, n_k, ql, kl, causal) -> np.ndarray:
   return ok[:, None]
 
 
+def learned(spec, q, k, *, max_len: int | None = None, seed: int = 0):
+  """The kind's learned parameters (av.init_learned) for q [b, n, h, d] and
+  k [b, n_k, kv_heads, d], max_len defaulting to n_k; None for a
+  parameter-free kind, so `av.attend(..., learned=kit.learned(...))` fits
+  every kind."""
+  if not av.owns_parameters(spec):
+    return None
+  return av.init_learned(spec, jax.random.key(seed), num_heads=q.shape[2],
+                         num_kv_heads=k.shape[2], head_dim=q.shape[3],
+                         max_len=max_len or k.shape[1])
+
+
 def grad_bytes(spec, n: int, *, causal: bool, heads: int = 2,
                head_dim: int = 8) -> int:
   """Temp + output bytes of the compiled gradient of attention at length n
   (skips the test where the backend reports no memory analysis)."""
   q = jnp.zeros((1, n, heads, head_dim))
+  params = learned(spec, q, q)
   def loss(q, k, v):
-    return jnp.sum(av.attend(q, k, v, spec, causal=causal) ** 2)
+    return jnp.sum(av.attend(q, k, v, spec, causal=causal,
+                             learned=params) ** 2)
   grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
   mem = grad.lower(q, q, q).compile().memory_analysis()
   if mem is None:
