@@ -31,31 +31,34 @@ PEER = 'dot_product_attention'
 
 
 def _functions(config, spec):
-  """name -> (attend fn(q, k, v, rng), implementation label, peer name)."""
+  """name -> (attend fn(q, k, v, rng, learned), implementation label, peer
+  name, the kind's spec or None for a peer)."""
   causal = config.causal
   fns = {}
   for kind in names(config.kinds):
     kind_spec = dict(spec, kind=kind)
     av.validate(kind_spec)
     peer = f'{PEER}(window)' if kind == 'local' else PEER
-    fns[kind] = (lambda q, k, v, rng, s=kind_spec: av.attend(
-        q, k, v, s, causal=causal, rng=rng), spec['implementation'], peer)
+    fns[kind] = (lambda q, k, v, rng, learned, s=kind_spec: av.attend(
+        q, k, v, s, causal=causal, rng=rng, learned=learned),
+                 spec['implementation'], peer, kind_spec)
   impl = 'xla'
-  fns[PEER] = (lambda q, k, v, rng: jax.nn.dot_product_attention(
-      q, k, v, is_causal=causal, implementation=impl), impl, None)
+  fns[PEER] = (lambda q, k, v, rng, _: jax.nn.dot_product_attention(
+      q, k, v, is_causal=causal, implementation=impl), impl, None, None)
   if 'local' in fns:
     window = local.extents(spec['local'], causal)
-    fns[f'{PEER}(window)'] = (lambda q, k, v, rng: jax.nn.dot_product_attention(
-        q, k, v, is_causal=causal, local_window_size=window,
-        implementation=impl), impl, None)
+    fns[f'{PEER}(window)'] = (
+        lambda q, k, v, rng, _: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, local_window_size=window,
+            implementation=impl), impl, None, None)
   return fns
 
 
 def _program(fn, pass_name):
   if pass_name == 'forward':
     return jax.jit(fn)
-  def loss(q, k, v, rng):
-    return jnp.sum(fn(q, k, v, rng).astype(jnp.float32))
+  def loss(q, k, v, rng, learned):
+    return jnp.sum(fn(q, k, v, rng, learned).astype(jnp.float32))
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
@@ -73,13 +76,20 @@ def _median_seconds(compiled, args, warmup, repeats, min_time_s=0.0):
   return float(np.median(times))
 
 
-def measure(config, name, fn, pass_name, n, implementation):
-  """One row of benchmark.json."""
+def measure(config, name, fn, pass_name, n, implementation, spec=None):
+  """One row of benchmark.json. A kind that owns parameters (`spec`) gets
+  them freshly initialised for length n, as an argument (the backward pass
+  differentiates q, k and v only)."""
   dtype = jnp.dtype(config.dtype)
-  keys = jax.random.split(jax.random.key(config.seed), 3)
+  keys = jax.random.split(jax.random.key(config.seed), 4)
   shape = (config.batch_size, n, config.heads, config.head_dim)
-  q, k, v = (jax.random.normal(key, shape, dtype) for key in keys)
-  args = (q, k, v, jax.random.key(config.seed))
+  q, k, v = (jax.random.normal(key, shape, dtype) for key in keys[:3])
+  learned = None
+  if spec is not None and av.owns_parameters(spec):
+    learned = av.init_learned(spec, keys[3], num_heads=config.heads,
+                              num_kv_heads=config.heads,
+                              head_dim=config.head_dim, max_len=n)
+  args = (q, k, v, jax.random.key(config.seed), learned)
   row = {'kind': name, 'length': n, 'pass': pass_name,
          'implementation': implementation}
   try:
@@ -161,14 +171,14 @@ def run(config, workdir: str) -> dict:
                      f'lengths positive; got passes={config.passes!r}, '
                      f'lengths={config.lengths!r}')
   rows, total = [], len(fns) * len(lengths) * len(passes)
-  for name, (fn, impl, _) in fns.items():
+  for name, (fn, impl, _, kind_spec) in fns.items():
     if name == 'full':
       impl = full.choose_implementation(
           jnp.zeros((1, 1, 1, config.head_dim), config.dtype),
           jnp.zeros((1, 1, 1, config.head_dim), config.dtype), impl)
     for n in lengths:
       for pass_name in passes:
-        row = measure(config, name, fn, pass_name, n, impl)
+        row = measure(config, name, fn, pass_name, n, impl, kind_spec)
         rows.append(row)
         logging.info('[%d/%d] %s N=%d %s: %s', len(rows), total, name, n,
                      pass_name, f'{1e3 * row["time_s"]:.1f} ms'
