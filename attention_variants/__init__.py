@@ -60,6 +60,8 @@ _REGISTRY = {
                                 'seed': 0, 'chunk': 64}),
     'nystromformer': ('nystromformer', {'num_landmarks': 64,
                                         'pinv_iterations': 6}),
+    'linformer': ('linformer', {'k': 256, 'share_heads': True,
+                                'share_kv': False}),
 }
 KINDS = tuple(_REGISTRY)
 
