@@ -76,12 +76,14 @@ def _cpu(c):
         num_steps=150, eval_every=75, checkpoint_every=75))
   # The cpu tasks are ~128 tokens: sparsity parameters well below that, so
   # each variant really is sparse here (the defaults would cover the whole
-  # sequence and equal full attention).
+  # sequence and equal full attention; linformer's k = 256, clamped to the
+  # length, would compress nothing).
   sparsity = dict(
       local=dict(window=16), sparse=dict(block_size=16, num_summary=4),
       bigbird=dict(block_size=16), lsh=dict(bucket_size=16),
       blockwise=dict(q_block=32, kv_block=32),
-      longformer=dict(window=16, block=16))
+      longformer=dict(window=16, block=16),
+      linformer=dict(k=32))
   c.overrides.attention = {k: v for k, v in sparsity.items()
                            if k in av.KINDS}
   c.efficiency = _efficiency(num_layers=2, dim=64, num_heads=2, mlp_dim=128)
