@@ -59,7 +59,8 @@ _REGISTRY = {
     'performer': ('performer', {'num_features': 256, 'redraw_every': 1,
                                 'seed': 0, 'chunk': 64}),
     'nystromformer': ('nystromformer', {'num_landmarks': 64,
-                                        'pinv_iterations': 6}),
+                                        'pinv_iterations': 6,
+                                        'conv_kernel': 0}),
     'linformer': ('linformer', {'k': 256, 'share_heads': True,
                                 'share_kv': False}),
 }

@@ -28,6 +28,17 @@ def _spec(**params):
   return kit.spec('nystromformer', **params)
 
 
+def _attend(q, k, v, spec, **kw):
+  """av.attend with the kind's learned parameters ({} without the
+  convolution)."""
+  return av.attend(q, k, v, spec, learned=kit.learned(spec, q, k), **kw)
+
+
+def _weights(q, k, v, spec, **kw):
+  return av.attention_weights(q, k, v, spec, learned=kit.learned(spec, q, k),
+                              **kw)
+
+
 def _softmax_masked(s, rows, cols):
   s = np.where(rows[:, None] & cols[None, :], s, -np.inf)
   top = s.max(-1, keepdims=True)
@@ -138,9 +149,9 @@ def test_matches_dense_f_pinv_a_b(m, n_q, n_k, kv_heads):
   q, k, v, ql, kl = _inputs(n_q, n_k, kv_heads)
   spec = _spec(num_landmarks=m)
   kw = dict(q_lengths=ql, kv_lengths=kl)
-  loss = lambda q, k, v: jnp.sum(av.attend(q, k, v, spec, **kw) ** 2)
+  loss = lambda q, k, v: jnp.sum(_attend(q, k, v, spec, **kw) ** 2)
   w, out, grads = _jit(lambda q, k, v: (
-      av.attention_weights(q, k, v, spec, **kw), av.attend(q, k, v, spec, **kw),
+      _weights(q, k, v, spec, **kw), _attend(q, k, v, spec, **kw),
       jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))(q, k, v)
   want = _dense(q, k, np.asarray(ql), np.asarray(kl), m, 6)
   assert w.shape == (4, 4, n_q, n_k) and w.dtype == jnp.float32
@@ -152,8 +163,8 @@ def test_matches_dense_f_pinv_a_b(m, n_q, n_k, kv_heads):
   out = np.asarray(out)
   assert not out[1].any()  # no valid key
   assert not out[2, int(ql[2]):].any()  # padded query rows
-  reference = av.attend(q, k, v, kit.spec('nystromformer', 'reference',
-                                          num_landmarks=m), **kw)
+  reference = _attend(q, k, v, kit.spec('nystromformer', 'reference',
+                                        num_landmarks=m), **kw)
   np.testing.assert_allclose(out, reference, atol=1e-5)
 
 
@@ -162,7 +173,7 @@ def test_weights_rows_sum_to_about_one(iterations, atol):
   """Exactly 1 only once pinv(A) has converged to A's inverse (then A^-1 1
   = 1); 6 iterations left rows off by up to 0.037 here (measured)."""
   q, k, v, ql, kl = _inputs(21, 21)
-  w = np.asarray(av.attention_weights(
+  w = np.asarray(_weights(
       q, k, v, _spec(num_landmarks=4, pinv_iterations=iterations),
       q_lengths=ql, kv_lengths=kl))
   sums = w.sum(-1)  # [b, h, n_q]
@@ -184,12 +195,12 @@ def test_full_attention_limit(m):
   kw = dict(q_lengths=ql, kv_lengths=ql)
   spec = _spec(num_landmarks=m, pinv_iterations=20)
   got, want = kit.outputs_and_grads([
-      lambda q, k, v: av.attend(q, k, v, spec, **kw),
+      lambda q, k, v: _attend(q, k, v, spec, **kw),
       lambda q, k, v: kit.reference(q, k, v, **kw)], q, k, v, jit=_jit)
   kit.assert_close(got[0], want[0], atol=5e-5)
   for g, w in zip(got[1], want[1]):
     kit.assert_close(g, w, atol=2e-3)
-  few = av.attend(q, k, v, _spec(num_landmarks=m), **kw)
+  few = _attend(q, k, v, _spec(num_landmarks=m), **kw)
   assert np.abs(np.asarray(few) - np.asarray(want[0])).max() < 0.1
 
 
@@ -203,11 +214,11 @@ def test_padding_changes_nothing():
   noise = jnp.asarray(np.random.default_rng(3).normal(size=q.shape) * 9,
                       jnp.float32)
   padded = lambda x, n: x.at[:, length:].set(n[:, length:, :x.shape[2]])
-  run = _jit(lambda q, k, v: av.attend(q, k, v, spec, q_lengths=lengths,
-                                       kv_lengths=lengths))
+  run = _jit(lambda q, k, v: _attend(q, k, v, spec, q_lengths=lengths,
+                                     kv_lengths=lengths))
   a = run(q, k, v)
   b = run(padded(q, noise), padded(k, noise), padded(v, noise))
-  c = _jit(lambda q, k, v: av.attend(q, k, v, spec))(
+  c = _jit(lambda q, k, v: _attend(q, k, v, spec))(
       q[:, :length], k[:, :length], v[:, :length])
   np.testing.assert_allclose(a[:, :length], b[:, :length], atol=1e-6)
   np.testing.assert_allclose(a[:, :length], c, atol=1e-5)
@@ -216,7 +227,7 @@ def test_padding_changes_nothing():
 
 def test_causal_is_rejected():
   q, k, v, _, _ = _inputs(5, 5)
-  for fn in (av.attend, av.attention_weights):
+  for fn in (_attend, _weights):
     with pytest.raises(ValueError, match='nystromformer is bidirectional '
                                          'only.*no causal form'):
       fn(q, k, v, _spec(), causal=True)
@@ -224,25 +235,26 @@ def test_causal_is_rejected():
 
 def test_no_lengths_and_low_precision():
   q, k, v, _, _ = _inputs(19, 19, dtype=jnp.bfloat16)
-  out = _jit(lambda q, k, v: av.attend(q, k, v, _spec(num_landmarks=4)))(
+  out = _jit(lambda q, k, v: _attend(q, k, v, _spec(num_landmarks=4)))(
       q, k, v)
   assert out.dtype == jnp.bfloat16
   f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-  want = av.attend(*f32, _spec(num_landmarks=4))
+  want = _attend(*f32, _spec(num_landmarks=4))
   np.testing.assert_allclose(out.astype(jnp.float32), want, atol=5e-2)
 
 
-@pytest.mark.parametrize('name,value', [
-    ('num_landmarks', 0), ('num_landmarks', 2.5), ('pinv_iterations', 0),
-    ('pinv_iterations', True)])
-def test_bad_params_raise(name, value):
+@pytest.mark.parametrize('name,value,minimum', [
+    ('num_landmarks', 0, 1), ('num_landmarks', 2.5, 1),
+    ('pinv_iterations', 0, 1), ('pinv_iterations', True, 1),
+    ('conv_kernel', -1, 0), ('conv_kernel', 1.5, 0)])
+def test_bad_params_raise(name, value, minimum):
   spec = _spec(**{name: value})
   with pytest.raises(ValueError, match=rf'attention.nystromformer.{name}='
-                                       rf'{value!r}.*>= 1'):
+                                       rf'{value!r}.*>= {minimum}'):
     av.validate(spec)
   q, k, v, _, _ = _inputs(5, 5)
   with pytest.raises(ValueError, match=name):
-    av.attend(q, k, v, spec)
+    _attend(q, k, v, spec)
 
 
 
@@ -250,3 +262,120 @@ def test_backward_memory_is_linear_in_length():
   """Doubling N at most doubles forward + backward memory (N x N would 4x)."""
   n, heads, spec = 1024, 2, _spec(num_landmarks=16)
   kit.assert_backward_memory_is_linear(spec, causal=False, n=n, heads=heads)
+
+
+def _conv_np(v, w, ql, kl):
+  """The depthwise convolution by its definition, float64 [b, n, h, d]:
+  sum_t w[h, t] V'[i + t - (K - 1) // 2] on valid query rows, V' = V with
+  padded positions (and positions outside the sequence) zero."""
+  v, w = np.asarray(v, np.float64), np.asarray(w, np.float64)
+  b, n, kv_heads, d = v.shape
+  heads, taps = w.shape
+  out = np.zeros((b, n, heads, d))
+  for i in range(b):
+    for h in range(heads):
+      for pos in range(int(ql[i])):
+        for t in range(taps):
+          j = pos + t - (taps - 1) // 2
+          if 0 <= j < kl[i]:
+            out[i, pos, h] += w[h, t] * v[i, j, h // (heads // kv_heads)]
+  return out
+
+
+@pytest.mark.parametrize('taps,kv_heads', [(5, 2), (4, 4), (33, 1)])
+def test_conv_adds_a_depthwise_convolution_of_v(taps, kv_heads):
+  """attend(conv) - attend(no conv) is the convolution written out here,
+  padded values leaking nowhere (kit's padded V holds random values); the
+  gradient in the kernels too; the reference implementation agrees; 33
+  taps (the paper's) is longer than the 13 tokens."""
+  q, k, v, ql, kl = _inputs(13, 13, kv_heads)
+  spec, off = _spec(num_landmarks=4, conv_kernel=taps), _spec(num_landmarks=4)
+  learned = kit.learned(spec, q, k)
+  assert learned['conv'].shape == (4, taps)
+  ct = kit.cotangent(q.shape)
+  kw = dict(q_lengths=ql, kv_lengths=kl)
+  loss = lambda learned: jnp.sum(
+      av.attend(q, k, v, spec, learned=learned, **kw) * ct)
+  on, plain, ref, grad = _jit(lambda learned: (
+      av.attend(q, k, v, spec, learned=learned, **kw),
+      av.attend(q, k, v, off, learned={}, **kw),
+      av.attend(q, k, v, kit.spec('nystromformer', 'reference', num_landmarks=4,
+                                  conv_kernel=taps), learned=learned, **kw),
+      jax.grad(loss)(learned)))(learned)
+  want = _conv_np(v, learned['conv'], np.asarray(ql), np.asarray(kl))
+  np.testing.assert_allclose(np.asarray(on) - np.asarray(plain), want,
+                             atol=1e-5)
+  np.testing.assert_allclose(ref, on, atol=1e-5)
+  # d<out, ct>/dw[h, t] = sum over valid rows i of ct_i . V'_{i + t - c}.
+  ctn, vn = np.asarray(ct, np.float64), np.asarray(v, np.float64)
+  want_grad = np.zeros((4, taps))
+  for i in range(4):
+    for h in range(4):
+      for pos in range(int(ql[i])):
+        for t in range(taps):
+          j = pos + t - (taps - 1) // 2
+          if 0 <= j < kl[i]:
+            want_grad[h, t] += ctn[i, pos, h] @ vn[i, j, h // (4 // kv_heads)]
+  np.testing.assert_allclose(grad['conv'], want_grad, atol=1e-4)
+  on = np.asarray(on)
+  assert not on[1].any() and not on[2, int(ql[2]):].any()
+
+
+def test_conv_off_is_unchanged():
+  """conv_kernel=0 (the default) owns no parameters and gives the output
+  of F pinv(A) B V; zero kernels give exactly the same output."""
+  q, k, v, ql, kl = _inputs(13, 13)
+  kw = dict(q_lengths=ql, kv_lengths=kl)
+  assert av.defaults('nystromformer')['conv_kernel'] == 0
+  assert kit.learned(_spec(), q, k) == {}
+  off, dense, zero = _jit(lambda q, k, v: (
+      av.attend(q, k, v, _spec(num_landmarks=4), learned={}, **kw),
+      av.attention_weights(q, k, v, _spec(num_landmarks=4), learned={}, **kw),
+      av.attend(q, k, v, _spec(num_landmarks=4, conv_kernel=3),
+                learned={'conv': jnp.zeros((4, 3))}, **kw)))(q, k, v)
+  np.testing.assert_allclose(off, _times_v(np.asarray(dense), v), atol=1e-5)
+  np.testing.assert_array_equal(zero, off)
+
+
+def test_conv_rejects_what_does_not_fit():
+  q, k, v, _, _ = _inputs(9, 9)
+  spec = _spec(conv_kernel=3)
+  with pytest.raises(ValueError, match='owns learned parameters'):
+    av.attend(q, k, v, spec)
+  with pytest.raises(ValueError, match=r'needs learned=\{conv: \[4, 3\]\}'):
+    av.attend(q, k, v, spec, learned={'conv': jnp.zeros((4, 5))})
+  with pytest.raises(ValueError, match='conv_kernel=0 owns no learned'):
+    av.attend(q, k, v, _spec(), learned={'conv': jnp.zeros((4, 3))})
+  q2, k2, v2, _, _ = _inputs(9, 7)
+  with pytest.raises(ValueError, match='as many queries as keys'):
+    av.attend(q2, k2, v2, spec, learned=kit.learned(spec, q2, k2))
+
+
+def test_conv_init_and_the_model_holds_it():
+  """U(-1/sqrt(K), 1/sqrt(K)) per query head; the model keeps it as an
+  nnx.Param of each layer (and, without the conv, no parameter at all)."""
+  from flax import nnx
+
+  from configs import default
+  from tasks.base import Task
+  from train import step
+  w = np.asarray(av.init_learned(_spec(conv_kernel=33), jax.random.key(0),
+                                 num_heads=64, num_kv_heads=8, head_dim=8,
+                                 max_len=100)['conv'])
+  assert w.shape == (64, 33)
+  assert np.abs(w).max() <= 33 ** -0.5 and np.abs(w).max() > 0.99 * 33 ** -0.5
+  config = default.base()
+  config.model.update(num_layers=2, dim=16, num_heads=2, mlp_dim=16)
+  task = Task('t', vocab_size=20, seq_len=24, num_classes=5,
+              head='classify', causal=False, sources=None, cls_token=True)
+
+  def conv_params(conv_kernel):
+    model = step.build_model(config.model, _spec(conv_kernel=conv_kernel),
+                             task, seed=0)
+    return [x for path, x in nnx.to_flat_state(nnx.state(model, nnx.Param))
+            if 'learned' in path]
+  found = conv_params(7)
+  assert len(found) == config.model.num_layers
+  assert all(x.shape == (config.model.num_heads, 7) for x in found)
+  assert conv_params(0) == []
+
