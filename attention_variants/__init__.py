@@ -135,12 +135,12 @@ def init_learned(spec: Mapping, key, *, num_heads: int, num_kv_heads: int,
 
 
 def _learned_kw(variant, kind, learned) -> dict:
-  """The `learned` keyword for the variant's attend/weights, checked."""
+  """The `learned` keyword for the variant's attend/weights. A kind that
+  owns parameters always gets one (None read as {}: a configuration of it
+  may have none, e.g. nystromformer without its convolution) and checks the
+  dict itself; a parameter-free kind gets none and must not be given any."""
   if hasattr(variant, 'init'):
-    if learned is None:
-      raise ValueError(f'attention kind {kind!r} owns learned parameters: '
-                       'pass learned= (made by init_learned)')
-    return {'learned': learned}
+    return {'learned': {} if learned is None else learned}
   if learned:
     raise ValueError(f'attention kind {kind!r} has no learned parameters, '
                      f'got {", ".join(sorted(learned))}')

@@ -379,3 +379,15 @@ def test_conv_init_and_the_model_holds_it():
   assert all(x.shape == (config.model.num_heads, 7) for x in found)
   assert conv_params(0) == []
 
+
+
+def test_attend_without_learned_when_the_convolution_is_off():
+  """learned may be omitted when the configuration has no parameters; with
+  the convolution on, omitting it names the array needed."""
+  q, k, v, ql, kl = _inputs()
+  spec = _spec(num_landmarks=4)
+  np.testing.assert_array_equal(
+      av.attend(q, k, v, spec, q_lengths=ql, kv_lengths=kl),
+      av.attend(q, k, v, spec, q_lengths=ql, kv_lengths=kl, learned={}))
+  with pytest.raises(ValueError, match='conv_kernel=3 needs learned='):
+    av.attend(q, k, v, _spec(conv_kernel=3), q_lengths=ql, kv_lengths=kl)
