@@ -60,6 +60,8 @@ _REGISTRY = {
                                 'seed': 0, 'chunk': 64}),
     'nystromformer': ('nystromformer', {'num_landmarks': 64,
                                         'pinv_iterations': 6}),
+    'synthesizer': ('synthesizer', {'mode': 'factorized_random', 'rank': 32,
+                                    'dot_product': True, 'block': 512}),
 }
 KINDS = tuple(_REGISTRY)
 
