@@ -52,13 +52,16 @@ class Attention(nnx.Module):
     self.out = lin(num_heads * self.head_dim, dim)
     # The kind's own parameters (av.init_learned), trained with the rest;
     # None for a parameter-free kind, whose state is then unchanged.
-    self.learned = None
+    # Assigned once: NNX refuses a data value (the Dict) on an attribute
+    # that already holds a static one (None).
     if av.owns_parameters(spec):
       learned = av.init_learned(
           spec, rngs.params(), num_heads=num_heads, num_kv_heads=num_kv_heads,
           head_dim=self.head_dim, max_len=max_len)
       self.learned = nnx.Dict({name: nnx.Param(jnp.asarray(value))
                                for name, value in learned.items()})
+    else:
+      self.learned = None
 
   def _qkv(self, x):
     b, n, _ = x.shape
