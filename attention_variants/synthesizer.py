@@ -30,11 +30,13 @@ apply to the summed logits exactly as to dot-product ones; padded query
 rows and rows with no visible key are zeros. Logits, softmax and
 statistics are float32; the output is in q's dtype.
 
-Initialisation (`init`, the new contract's learned parameters, held by the
-model as nnx.Params): r1, r2 and r as LRA (jax.nn.initializers.
-xavier_uniform() on [h, L, k] and [h, L, L], whose fans include the head
-axis); w1 and w2 Glorot-uniform per head (fans d, d and d, L); b1, b2
-zeros. Zero synthetic parameters make this exactly full attention (tested).
+Initialisation (`init`, the contract's learned parameters, held by the
+model as nnx.Params): uniform in +-sqrt(6 / (fan_in + fan_out)), for r1,
+r2 and r with LRA's fans (jax.nn.initializers.xavier_uniform() on [h, L,
+k] and [h, L, L] counts the head axis in both: (L + k) h, 2 L h), for w1
+and w2 per head ((d + d), (d + L)); b1, b2 zeros. Zero synthetic
+parameters make this exactly full attention (tested). The softmax's row
+maximum is under stop_gradient (`masked_softmax` below).
 
 What LRA runs (google-research/long-range-arena, lra_benchmarks/models/
 synthesizer/synthesizer.py and synthesizer_attention.py, at cd31e5c):
@@ -85,6 +87,8 @@ Implementations:
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -128,6 +132,32 @@ def learned_shapes(params, *, num_heads, head_dim, max_len) -> dict:
   return shapes
 
 
+def _glorot_bound(name, shape) -> float:
+  """Glorot-uniform bound sqrt(6 / (fan_in + fan_out)): for r1, r2 and r
+  LRA's (jax.nn.initializers.xavier_uniform() on [h, rows, cols], whose
+  fans are rows x h and cols x h); for w1 and w2 per head (rows, cols)."""
+  h, rows, cols = shape
+  heads = h if name in ('r1', 'r2', 'r') else 1
+  return (6.0 / ((rows + cols) * heads)) ** 0.5
+
+
+def _draw(key, shapes):
+  """{name: float32 array} for the {name: shape} of learned_shapes: the
+  weights uniform in +-_glorot_bound (one draw, cut into the arrays), the
+  biases zeros."""
+  weights = sorted(n for n in shapes if n in ('r1', 'r2', 'r', 'w1', 'w2'))
+  sizes = [math.prod(shapes[n]) for n in weights]
+  flat = jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0)
+  out = {n: jnp.zeros(shape, jnp.float32) for n, shape in shapes.items()
+         if n not in weights}
+  start = 0
+  for name, size in zip(weights, sizes):
+    out[name] = (flat[start:start + size].reshape(shapes[name])
+                 * _glorot_bound(name, shapes[name]))
+    start += size
+  return out
+
+
 def init(key, params, *, num_heads, num_kv_heads, head_dim, max_len):
   """The learned arrays of `params['mode']` (see the module docstring)."""
   del num_kv_heads
@@ -135,18 +165,7 @@ def init(key, params, *, num_heads, num_kv_heads, head_dim, max_len):
   masks.check_positive_int('synthesizer max_len', max_len)
   shapes = learned_shapes(params, num_heads=num_heads, head_dim=head_dim,
                           max_len=max_len)
-  lra_init = jax.nn.initializers.xavier_uniform()
-  per_head = jax.nn.initializers.xavier_uniform(batch_axis=(0,))
-  out = {}
-  for i, (name, shape) in enumerate(sorted(shapes.items())):
-    sub = jax.random.fold_in(key, i)
-    if name in ('r1', 'r2', 'r'):
-      out[name] = lra_init(sub, shape, jnp.float32)
-    elif name in ('w1', 'w2'):
-      out[name] = per_head(sub, shape, jnp.float32)
-    else:
-      out[name] = jnp.zeros(shape, jnp.float32)
-  return out
+  return _draw(key, shapes)
 
 
 def _max_len(learned) -> int:
@@ -225,6 +244,20 @@ def _logits(q, k, rows, shared, *, dot_product, kv_heads):
   return scores * masks.default_scale(d) + synthetic
 
 
+def masked_softmax(logits, mask):
+  """masks.masked_softmax with the row maximum under stop_gradient (the
+  softmax does not depend on it). The shared one differentiates the max,
+  whose gradient picks the entries equal to it; XLA may compute a sum of
+  logits with and without a fused multiply-add in different places (seen
+  at xla_backend_optimization_level 0 on CPU), so that no entry equals the
+  max and the gradient is 0 / 0."""
+  logits = jnp.where(mask, logits.astype(jnp.float32), masks.NEG_INF)
+  top = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  p = jnp.where(mask, jnp.exp(logits - top), 0.0)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  return p / jnp.where(denom == 0.0, 1.0, denom)
+
+
 def _dense_probs(q, k, params, learned, *, causal, q_lengths, kv_lengths):
   """Float32 [b, h, n_q, n_k] probabilities, dense."""
   kv_heads, _ = masks.check_inputs(q, k, k)
@@ -236,7 +269,7 @@ def _dense_probs(q, k, params, learned, *, causal, q_lengths, kv_lengths):
   logits = jnp.broadcast_to(logits.reshape(-1, h, n_q, n_k), (b, h, n_q, n_k))
   mask = full.full_mask(q, k, causal=causal, q_lengths=q_lengths,
                         kv_lengths=kv_lengths)
-  return masks.masked_softmax(logits, mask)
+  return masked_softmax(logits, mask)
 
 
 def _blocked(q, k, v, params, learned, *, causal, q_lengths, kv_lengths):
@@ -265,7 +298,7 @@ def _blocked(q, k, v, params, learned, *, causal, q_lengths, kv_lengths):
                 kv_heads=kv_heads)
     ok = masks.allowed((first + jnp.arange(block))[None],
                        jnp.arange(n_k)[None], ql, kl, causal=causal)
-    p = masks.masked_softmax(s, ok[:, None, None])
+    p = masked_softmax(s, ok[:, None, None])
     out = jnp.einsum('bkgqs,bskd->bqkgd', p.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)
     return None, out.reshape(b, block, h, d).astype(q.dtype)
@@ -291,7 +324,7 @@ def attend(q, k, v, params, *, implementation='auto', causal=False,
   check_params(params)
   masks.check_inputs(q, k, v)
   learned = _check_learned(params, learned, q, k)
-  kw = dict(causal=causal, q_lengths=q_lengths, kv_lengths=kv_lengths)
+  kw = {'causal': causal, 'q_lengths': q_lengths, 'kv_lengths': kv_lengths}
   if implementation == 'reference':
     probs = _dense_probs(q, k, params, learned, **kw)
     return full.probs_times_v(probs, v, q.dtype)
