@@ -12,16 +12,17 @@ sequence):
   mode               S[h, i, j]                       learned (float32)
   factorized_random  (R1_h R2_h^T)[i, j], rank k      r1, r2   [h, L, k]
   random             R_h[i, j]                        r        [h, L, L]
-  dense              (W2_h relu(W1_h q_i + b1_h)      w1 [h, d, d], b1 [h, d],
+  dense              (relu(q_i W1_h + b1_h) W2_h      w1 [h, d, d], b1 [h, d],
                       + b2_h)[j]                      w2 [h, d, L], b2 [h, L]
 
-and 'dense+random', 'dense+factorized_random' add the two S's (LRA's
+(q_i a row vector; the paper writes W2 relu(W1 x_i + b1) + b2). Modes
+'dense+random' and 'dense+factorized_random' add the two S's (LRA's
 `synthesizer_mode` strings). A sequence shorter than L uses the leading
 rows and columns: R1[:n_q], R2[:n_k], R[:n_q, :n_k], W2's and b2's first
 n_k columns; a longer one is a ValueError. The dense synthesiser's input
 is the query q_i (the paper's and LRA's input is the token x_i; the
 attention contract sees q, k, v only, and q_i is a linear function of x_i,
-so W1_h q_i is a linear map of x_i: the same function class); its hidden
+so q_i W1_h is a linear map of x_i: the same function class); its hidden
 width is the head dim d. dot_product=False is the pure Synthesizer
 (softmax(S) V: q and k then enter only through the dense MLP's q_i).
 
