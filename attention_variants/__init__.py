@@ -63,6 +63,8 @@ _REGISTRY = {
                                         'conv_kernel': 0}),
     'linformer': ('linformer', {'k': 256, 'share_heads': True,
                                 'share_kv': False}),
+    'synthesizer': ('synthesizer', {'mode': 'factorized_random', 'rank': 32,
+                                    'dot_product': True, 'block': 512}),
 }
 KINDS = tuple(_REGISTRY)
 
