@@ -203,8 +203,8 @@ def test_mismatched_learned_arrays_raise():
   q, k, v, _, _ = kit.padded_inputs(9, 9)
   spec = _spec(k=4)
   learned = kit.learned(spec, q, k)
-  with pytest.raises(ValueError, match='owns learned parameters'):
-    av.attend(q, k, v, spec)
+  with pytest.raises(ValueError, match=r'needs learned=\{E, F\}'):
+    av.attend(q, k, v, spec)          # omitted: {}, which lacks E and F
   with pytest.raises(ValueError, match=r'needs learned=\{E\}'):
     av.attend(q, k, v, _spec(k=4, share_kv=True), learned=learned)
   with pytest.raises(ValueError, match='do not fit'):

@@ -279,8 +279,8 @@ def test_bad_params_raise(name, value, match):
 
 def test_learned_arrays_are_checked():
   q, k, v, _, _ = kit.padded_inputs(5, 5)
-  with pytest.raises(ValueError, match='owns learned parameters'):
-    av.attend(q, k, v, _spec())
+  with pytest.raises(ValueError, match='needs learned arrays'):
+    av.attend(q, k, v, _spec())      # omitted: {}, which lacks r1, r2
   dense = kit.learned(_spec(mode='dense'), q, k, max_len=8)
   with pytest.raises(ValueError, match="mode='factorized_random'.*needs"):
     av.attend(q, k, v, _spec(), learned=dense)
