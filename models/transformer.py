@@ -52,13 +52,16 @@ class Attention(nnx.Module):
     self.out = lin(num_heads * self.head_dim, dim)
     # The kind's own parameters (av.init_learned), trained with the rest;
     # None for a parameter-free kind, whose state is then unchanged.
-    self.learned = None
+    # Assigned once: nnx makes an attribute first set to None static, and
+    # then refuses the nnx.Dict.
+    learned = None
     if av.owns_parameters(spec):
-      learned = av.init_learned(
+      arrays = av.init_learned(
           spec, rngs.params(), num_heads=num_heads, num_kv_heads=num_kv_heads,
           head_dim=self.head_dim, max_len=max_len)
-      self.learned = nnx.Dict({name: nnx.Param(jnp.asarray(value))
-                               for name, value in learned.items()})
+      learned = nnx.Dict({name: nnx.Param(jnp.asarray(value))
+                          for name, value in arrays.items()})
+    self.learned = learned
 
   def _qkv(self, x):
     b, n, _ = x.shape
