@@ -60,6 +60,8 @@ _REGISTRY = {
                                 'seed': 0, 'chunk': 64}),
     'nystromformer': ('nystromformer', {'num_landmarks': 64,
                                         'pinv_iterations': 6}),
+    'sinkhorn': ('sinkhorn', {'block_size': 64, 'sinkhorn_iterations': 7,
+                              'temperature': 0.75}),
 }
 KINDS = tuple(_REGISTRY)
 
