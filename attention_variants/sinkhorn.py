@@ -16,7 +16,9 @@ Sorting matrix R [n_qb, n_kb], per batch row and kv head:
      Causal: the mean of the valid queries at positions 0 .. i b (the
      prefix up to and including block i's first token, which every query of
      block i may see).
-  2. The paper's two-layer sorting network, per kv head:
+  2. A two-layer sorting network per kv head (the paper's meta sorting
+     network is a small feed-forward net on the pooled block; LRA's code
+     uses one linear layer):
        logits_i = W2 relu(W1 s_i + b1) + b2,  W1 [d, d], W2 [d, M],
      M = ceil(max_len / block_size) outputs, of which the first n_kb are
      used: logits_ij scores key block j for query block i.
@@ -34,7 +36,7 @@ Sorting matrix R [n_qb, n_kb], per batch row and kv head:
      and R = exp(X) on the allowed entries, 0 elsewhere. For a square
      bidirectional R the iteration converges to a doubly-stochastic matrix
      (rows and columns summing to 1; tested); the causal matrix is
-     lower-triangular below the diagonal and not doubly stochastic.
+     strictly lower-triangular and not doubly stochastic.
 No Gumbel noise is added (the output is deterministic; rng is unused).
 
 Sorted block i: slot t (0 <= t < b) of it is the mixture of the keys (and
@@ -81,15 +83,21 @@ code, which cuts blocks with a strided reshape and whose einsum sums the
 key-block axis and the permutation's axis separately (so its "sorted" block
 is the sum of all blocks) and by default sorts with a plain softmax.
 
+How it is computed (xla): R, then the sorted blocks of every query block
+(O(N d)), then a lax.scan over steps of STEP_ROWS = 512 query rows, each
+step one softmax per row over its own block's keys and its sorted block
+(masks.key_parts_output with two KeyParts), rematerialised in the backward
+pass (jax.checkpoint): only one step's [512, 2 b] scores exist at a time.
+
 Complexity per head (N tokens, n_b = N / b blocks, head dim d, T
 iterations): the attention is O(N b d) (scores [N, 2 b]); the sorting
 network O(n_b d^2 + n_b^2 d) and the balancing O(T n_b^2); mixing the
 blocks with the dense soft permutation is O(n_b^2 b d) = O(N^2 d / b)
-time but only O(N d) memory. Memory O(N (b + d) + T n_b^2); no N x N array
-exists in `attend` (`weights` and `reference` build the dense [n_q, n_k]
-probabilities over the original keys, for tests and pictures). Statistics
-are float32; the output is in q's dtype; GQA shares R and the sorted blocks
-between the query heads of a kv head.
+time but only O(N d) memory. Memory (forward and backward) O(N d + 512 b
++ T n_b^2); no N x N array exists in `attend` (`weights` and `reference`
+build the dense [n_q, n_k] probabilities over the original keys, for tests
+and pictures). Statistics are float32; the output is in q's dtype; GQA
+shares R and the sorted blocks between the query heads of a kv head.
 
 Implementations:
   xla        the blocked computation above (any backend).
