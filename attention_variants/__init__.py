@@ -65,6 +65,8 @@ _REGISTRY = {
                                 'share_kv': False}),
     'synthesizer': ('synthesizer', {'mode': 'factorized_random', 'rank': 32,
                                     'dot_product': True, 'block': 512}),
+    'sinkhorn': ('sinkhorn', {'block_size': 64, 'sinkhorn_iterations': 7,
+                              'temperature': 0.75}),
 }
 KINDS = tuple(_REGISTRY)
 

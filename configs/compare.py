@@ -83,7 +83,7 @@ def _cpu(c):
       bigbird=dict(block_size=16), lsh=dict(bucket_size=16),
       blockwise=dict(q_block=32, kv_block=32),
       longformer=dict(window=16, block=16),
-      linformer=dict(k=32))
+      linformer=dict(k=32), sinkhorn=dict(block_size=16))
   c.overrides.attention = {k: v for k, v in sparsity.items()
                            if k in av.KINDS}
   c.efficiency = _efficiency(num_layers=2, dim=64, num_heads=2, mlp_dim=128)
