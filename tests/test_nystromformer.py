@@ -340,7 +340,7 @@ def test_conv_off_is_unchanged():
 def test_conv_rejects_what_does_not_fit():
   q, k, v, _, _ = _inputs(9, 9)
   spec = _spec(conv_kernel=3)
-  with pytest.raises(ValueError, match='owns learned parameters'):
+  with pytest.raises(ValueError, match=r'needs learned=\{conv: \[4, 3\]\}'):
     av.attend(q, k, v, spec)
   with pytest.raises(ValueError, match=r'needs learned=\{conv: \[4, 3\]\}'):
     av.attend(q, k, v, spec, learned={'conv': jnp.zeros((4, 5))})

@@ -361,7 +361,7 @@ def test_learned_parameters_are_required_and_checked():
   q, k, v, _, _ = kit.padded_inputs(9, 9)
   spec = _spec(block_size=4)
   assert av.owns_parameters(spec)
-  with pytest.raises(ValueError, match='pass learned='):
+  with pytest.raises(ValueError, match='learned is missing sort_w1'):
     av.attend(q, k, v, spec)
   short = av.init_learned(spec, jax.random.key(0), num_heads=4,
                           num_kv_heads=2, head_dim=8, max_len=8)
