@@ -53,14 +53,6 @@ def test_identity_projections_are_full_attention(kv_heads, share_heads,
   assert not out[1].any() and not out[2, int(ql[2]):].any()
 
 
-def _softmax_masked(s, rows, cols):
-  s = np.where(rows[:, None] & cols[None, :], s, -np.inf)
-  top = s.max(-1, keepdims=True)
-  e = np.exp(s - np.where(np.isfinite(top), top, 0.0))
-  den = e.sum(-1, keepdims=True)
-  return np.where(den > 0, e / np.where(den > 0, den, 1.0), 0.0)
-
-
 def _dense(q, k, v, e, f, ql, kl, ct):
   """The definition per batch row and query head, float64, with the
   gradients of <out, ct> by hand. Returns (weights P F' [b, h, n_q, n_k],
@@ -81,7 +73,7 @@ def _dense(q, k, v, e, f, ql, kl, ct):
       live = (em != 0).any(1) | (fm != 0).any(1)
       qi, ki, vi = q[i, :, head], k[i, :, kh], v[i, :, kh]
       kp, vp = em @ ki, fm @ vi
-      p = _softmax_masked(qi @ kp.T * s, q_valid, live)
+      p = kit.softmax_masked(qi @ kp.T * s, q_valid, live)
       w[i, head], out[i, :, head] = p @ fm, p @ vp
       g = ct[i, :, head]
       dvp, dp = p.T @ g, g @ vp.T

@@ -39,14 +39,6 @@ def _weights(q, k, v, spec, **kw):
                               **kw)
 
 
-def _softmax_masked(s, rows, cols):
-  s = np.where(rows[:, None] & cols[None, :], s, -np.inf)
-  top = s.max(-1, keepdims=True)
-  e = np.exp(s - np.where(np.isfinite(top), top, 0.0))
-  den = e.sum(-1, keepdims=True)
-  return np.where(den > 0, e / np.where(den > 0, den, 1.0), 0.0)
-
-
 def _landmarks(x, length, m):
   """Segment means of x[:length] ([n, d]) by a Python loop over segments;
   (means [m, d], nonempty [m])."""
@@ -81,9 +73,9 @@ def _dense(q, k, ql, kl, m, iterations):
       q_land, q_ok = _landmarks(qh, int(ql[i]), mq)
       k_land, k_ok = _landmarks(kh, int(kl[i]), mk)
       s = 1 / np.sqrt(d)
-      f = _softmax_masked(qh @ k_land.T * s, q_valid, k_ok)
-      a = _softmax_masked(q_land @ k_land.T * s, q_ok, k_ok)
-      bb = _softmax_masked(q_land @ kh.T * s, q_ok, k_valid)
+      f = kit.softmax_masked(qh @ k_land.T * s, q_valid, k_ok)
+      a = kit.softmax_masked(q_land @ k_land.T * s, q_ok, k_ok)
+      bb = kit.softmax_masked(q_land @ kh.T * s, q_ok, k_valid)
       out[i, head] = f @ _pinv_np(a, iterations) @ bb
   return out
 

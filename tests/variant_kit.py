@@ -123,6 +123,16 @@ def learned(spec, q, k, *, max_len: int | None = None, seed: int = 0):
                          max_len=max_len or k.shape[1])
 
 
+def softmax_masked(s, rows, cols):
+  """numpy softmax of s [n_q, n_k] over the keys where cols, on the rows
+  where rows; rows with no key (or masked) are zeros."""
+  s = np.where(rows[:, None] & cols[None, :], s, -np.inf)
+  top = s.max(-1, keepdims=True)
+  e = np.exp(s - np.where(np.isfinite(top), top, 0.0))
+  den = e.sum(-1, keepdims=True)
+  return np.where(den > 0, e / np.where(den > 0, den, 1.0), 0.0)
+
+
 def grad_bytes(spec, n: int, *, causal: bool, heads: int = 2,
                head_dim: int = 8) -> int:
   """Temp + output bytes of the compiled gradient of attention at length n
