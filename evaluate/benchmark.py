@@ -7,7 +7,8 @@ on GPU/TPU), and times `repeats` runs after `warmup` (median). The peers run
 in the same process on the same inputs: plain dot_product_attention for every
 kind, and dot_product_attention(local_window_size=w) for `local`. A cell
 whose compiled peak would not fit in memory is reported, not run.
-Writes benchmark.json and benchmark.md to the workdir and prints the table.
+Writes benchmark.json and benchmark.md to the workdir after every cell
+(`complete` false until the last) and prints the table.
 """
 from __future__ import annotations
 
@@ -171,6 +172,23 @@ def run(config, workdir: str) -> dict:
                      f'lengths positive; got passes={config.passes!r}, '
                      f'lengths={config.lengths!r}')
   rows, total = [], len(fns) * len(lengths) * len(passes)
+
+  def write(complete: bool) -> dict:
+    """benchmark.json (and .md) of the rows so far, written after every
+    cell: a run killed part way (the kernel's OOM killer on a large cell)
+    keeps what it measured, marked complete=False."""
+    result = {'device': profile.device_kind(), 'dtype': config.dtype,
+              'batch_size': config.batch_size, 'heads': config.heads,
+              'head_dim': config.head_dim, 'causal': config.causal,
+              'attention': spec, 'complete': complete, 'rows': rows,
+              'exponents': {f'{n}/{p}': scaling_exponent(rows, n, p)
+                            for n in fns for p in passes}}
+    writer_lib.write_json_atomic(os.path.join(workdir, 'benchmark.json'),
+                                 result)
+    writer_lib.write_text_atomic(os.path.join(workdir, 'benchmark.md'),
+                                 markdown(rows, fns) + '\n')
+    return result
+
   for name, (fn, impl, _, kind_spec) in fns.items():
     if name == 'full':
       impl = full.choose_implementation(
@@ -183,15 +201,9 @@ def run(config, workdir: str) -> dict:
         logging.info('[%d/%d] %s N=%d %s: %s', len(rows), total, name, n,
                      pass_name, f'{1e3 * row["time_s"]:.1f} ms'
                      if 'time_s' in row else row['status'])
-  result = {'device': profile.device_kind(), 'dtype': config.dtype,
-            'batch_size': config.batch_size, 'heads': config.heads,
-            'head_dim': config.head_dim, 'causal': config.causal,
-            'attention': spec, 'rows': rows,
-            'exponents': {f'{n}/{p}': scaling_exponent(rows, n, p)
-                          for n in fns for p in passes}}
-  writer_lib.write_json_atomic(os.path.join(workdir, 'benchmark.json'), result)
+        if len(rows) < total:
+          write(complete=False)
+  result = write(complete=True)
   table = markdown(rows, fns)
-  writer_lib.write_text_atomic(os.path.join(workdir, 'benchmark.md'),
-                               table + '\n')
   print(table)
   return result

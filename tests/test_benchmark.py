@@ -72,3 +72,30 @@ def test_bad_lengths(tmp_path):
   with pytest.raises(ValueError, match='lengths'):
     benchmark.run(config, str(tmp_path))
   assert not os.path.exists(tmp_path / 'benchmark.json')
+
+
+def test_rows_are_written_as_they_come(tmp_path, monkeypatch):
+  """A run that dies part way (here: the third cell raises, as the kernel's
+  OOM killer would end it) leaves benchmark.json with the cells measured,
+  marked incomplete; a finished run is marked complete."""
+  config = benchmark_config.get_config('smoke')
+  config.kinds = 'full'
+  config.lengths = '32'
+  config.repeats = 1
+  real, calls = benchmark.measure, []
+
+  def measure(*args, **kwargs):
+    calls.append(args)
+    if len(calls) == 3:
+      raise MemoryError('killed')
+    return real(*args, **kwargs)
+  monkeypatch.setattr(benchmark, 'measure', measure)
+  with pytest.raises(MemoryError):
+    benchmark.run(config, str(tmp_path / 'b'))
+  with open(tmp_path / 'b' / 'benchmark.json') as f:
+    partial = json.load(f)
+  assert not partial['complete'] and len(partial['rows']) == 2
+  assert [r['kind'] for r in partial['rows']] == ['full', 'full']
+  monkeypatch.setattr(benchmark, 'measure', real)
+  done = benchmark.run(config, str(tmp_path / 'c'))
+  assert done['complete'] and len(done['rows']) == 4
