@@ -11,20 +11,22 @@ cancel, elu + 1 is not homogeneous). For query i over its visible keys j
   S_i = sum_j phi(k_j) v_j^T   [d, d],   z_i = sum_j phi(k_j)   [d].
 
 Bidirectional: S and z are one sum over every valid key, the same for all
-queries. Causal: prefix sums over j <= i, computed chunk by chunk: a
-lax.scan over chunks of `chunk` positions carries the running [d, d] state
-(S, z) of all earlier chunks; inside a chunk the kernel is used directly
-(quadratic in the chunk: [chunk, chunk] weights masked at j <= i). Query
-rows at or past q_length, and rows with no visible key (kv_length 0), are
-zeros. Statistics are float32 whatever the input dtype (phi(q), phi(k) and
-v are taken to float32 first); the output is in q's dtype. GQA: query heads
-of a group share their key/value head's state.
+queries, made ROW_BLOCK = 256 keys at a time, then the queries are answered
+ROW_BLOCK rows at a time (a lax.scan each). Causal: prefix sums over j <=
+i, computed chunk by chunk: a lax.scan over chunks of `chunk` positions
+carries the running [d, d] state (S, z) of all earlier chunks; inside a
+chunk the kernel is used directly (quadratic in the chunk: [chunk, chunk]
+weights masked at j <= i). Query rows at or past q_length, and rows with no
+visible key (kv_length 0), are zeros. Statistics are float32 whatever the
+input dtype (phi(q), phi(k) and v are taken to float32 first); the output
+is in q's dtype. GQA: query heads of a group share their key/value head's
+state.
 
 Hyperparameters (config.attention.linear):
   chunk   positions per causal chunk, an integer >= 1 (clamped to the
           sequence; any length works, padded internally to a multiple of
           it, the padding masked). It changes only rounding, not the
-          result; bidirectional attention does not use it.
+          result; bidirectional attention uses ROW_BLOCK instead.
 
 Complexity (N tokens, head dim d): bidirectional O(N d^2) time and O(N d +
 d^2) memory. Causal O(N C d + N d^2) time and O(N C + (N / C) d^2) memory
@@ -33,9 +35,11 @@ chunk and recomputes the chunk's [C, C] weights, jax.checkpoint on the scan
 step). No N x N array exists in `attend`; `weights` builds the dense
 normalised kernel matrix (for tests and pictures on short inputs only).
 
-The kernel-attention routines (`feature_attention`, `causal_sums`,
-`feature_weights`) take feature-mapped queries and keys of any feature size
-and are shared with `performer`, which differs only in its feature map.
+The kernel-attention routines (`feature_attention`, `key_sums`,
+`causal_sums`, `feature_weights`) take feature maps of any feature size,
+applied a block of rows at a time, and are shared with `performer`, which
+differs only in its feature map (256 features per head: an [N, 256] array
+would be 4x the queries, so features exist one block at a time).
 
 Implementations:
   xla        the computation above (any backend).
@@ -53,6 +57,13 @@ from attention_variants import masks
 
 IMPLEMENTATIONS = ('auto', 'xla', 'reference')
 
+# Rows per step of bidirectional attention (keys summed, then queries
+# answered, ROW_BLOCK at a time); not a hyperparameter: it bounds the
+# feature arrays that exist at once and changes only rounding. 256 was the
+# fastest of 64, 256 and 1,024 at 8K tokens on the project's CPU (linear
+# and performer alike).
+ROW_BLOCK = 256
+
 
 def check_params(params):
   masks.check_positive_int('attention.linear.chunk', params['chunk'])
@@ -69,84 +80,143 @@ def _normalise(num, den, keep):
   return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
 
 
-def _bidirectional(phiq, phik, v):
-  """phiq [b, n_q, kvh, g, f], phik [b, n_k, kvh, f], v [b, n_k, kvh, e]
-  -> (num, den)."""
-  s = jnp.einsum('bskd,bske->bkde', phik, v)
-  z = jnp.sum(phik, axis=1)  # [b, kvh, f]
-  num = jnp.einsum('bqkgd,bkde->bqkge', phiq, s)
-  den = jnp.einsum('bqkgd,bkd->bqkg', phiq, z)[..., None]
-  return num, den
+def row_chunks(x, chunk: int, n: int):
+  """x [b, rows, ...] zero-padded to n rows (a multiple of chunk) and split
+  into [n / chunk, b, chunk, ...] for a lax.scan over chunks."""
+  x = masks.pad_to_multiple(x, 1, n)
+  return jnp.moveaxis(x.reshape((x.shape[0], n // chunk, chunk)
+                                + x.shape[2:]), 1, 0)
 
 
-def causal_sums(phiq, phik, v, chunk):
-  """Prefix sums over j <= i, chunk by chunk; (num, den) for the first n_q
-  query rows: num_i = sum_{j<=i} (phiq_i . phik_j) v_j, den_i = sum_{j<=i}
-  phiq_i . phik_j.
+def _unchunk(x, n_rows: int):
+  """[steps, b, chunk, ...] -> [b, n_rows, ...] (padding rows cut off)."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :n_rows]
 
-  phiq [b, n_q, kvh, g, f], phik [b, n_k, kvh, f], v [b, n_k, kvh, e], all
-  float32, for any feature size f (linear's f = d, performer's f = m). A
-  lax.scan over chunks of `chunk` positions carries the [f, e] state of all
-  earlier chunks; inside a chunk the [chunk, chunk] kernel is used directly.
-  The step is rematerialised (jax.checkpoint), so the backward pass keeps
-  one state per chunk: memory O((N / chunk) f e + N chunk).
+
+def chunk_valid(start, chunk: int, lengths):
+  """bool [b, chunk, 1, 1]: positions start .. start + chunk - 1 < lengths."""
+  return ((start + jnp.arange(chunk))[None, :]
+          < lengths[:, None])[:, :, None, None]
+
+
+def key_sums(k, v, kv_lengths, k_map, chunk: int):
+  """(S [b, kvh, f, e], z [b, kvh, f]): sum over the valid keys j of
+  phi(k_j) v_j^T and of phi(k_j), computed `chunk` keys at a time so the
+  features of one chunk exist at once (k [b, n_k, kvh, d], v float32)."""
+  b, n_k, kvh, _ = k.shape
+  chunk = min(chunk, max(n_k, 1))
+  n = masks.ceil_div(max(n_k, 1), chunk) * chunk
+  starts = jnp.arange(n // chunk) * chunk
+
+  def step(state, xs):
+    s, z = state
+    kc, vc, start = xs
+    phik = k_map(kc, chunk_valid(start, chunk, kv_lengths))
+    return (s + jnp.einsum('bskf,bske->bkfe', phik, vc),
+            z + jnp.sum(phik, axis=1)), None
+
+  phi0 = jax.eval_shape(k_map, k[:, :1], jnp.ones((b, 1, 1, 1), bool))
+  f = phi0.shape[-1]
+  state = (jnp.zeros((b, kvh, f, v.shape[-1]), jnp.float32),
+           jnp.zeros((b, kvh, f), jnp.float32))
+  step = jax.checkpoint(step, prevent_cse=False)
+  (s, z), _ = lax.scan(step, state, (row_chunks(k, chunk, n),
+                                     row_chunks(v, chunk, n), starts))
+  return s, z
+
+
+def causal_sums(q, k, v, kv_lengths, q_map, k_map, chunk: int):
+  """Prefix sums over j <= i, chunk by chunk; (num, den) for the n_q query
+  rows: num_i = sum_{j<=i} (phi(q_i) . phi(k_j)) v_j, den_i = sum_{j<=i}
+  phi(q_i) . phi(k_j).
+
+  q [b, n_q, kvh, g, d] (grouped queries), k [b, n_k, kvh, d], v [b, n_k,
+  kvh, e] float32; q_map / k_map are the feature maps (see
+  feature_attention), applied one chunk at a time, so the features of one
+  chunk exist at once, for any feature size f (linear's f = d, performer's
+  f = m). A lax.scan over chunks of `chunk` positions carries the [f, e]
+  state of all earlier chunks; inside a chunk the [chunk, chunk] kernel is
+  used directly. The step is rematerialised (jax.checkpoint), so the
+  backward pass keeps one state per chunk: memory O((N / chunk) f e + N
+  chunk).
   """
-  b, n_q, kvh, _, d = phiq.shape
-  n_k, e = phik.shape[1], v.shape[-1]
+  b, n_q, kvh = q.shape[:3]
+  n_k, e = k.shape[1], v.shape[-1]
   chunk = min(chunk, max(n_q, n_k, 1))
   n = masks.ceil_div(max(n_q, n_k, 1), chunk) * chunk
-  steps = n // chunk
-  # Common padded length; padded keys have zero features, so they add
-  # nothing, and padded query rows are cut off at the end.
-  chunks = lambda x: jnp.moveaxis(masks.pad_to_multiple(x, 1, n).reshape(
-      (b, steps, chunk) + x.shape[2:]), 1, 0)  # [steps, b, chunk, ...]
-  qs, ks, vs = chunks(phiq), chunks(phik), chunks(v)
+  # Common padded length; padded keys are not valid (features 0), so they
+  # add nothing, and padded query rows are cut off at the end.
+  starts = jnp.arange(n // chunk) * chunk
   lower = jnp.tril(jnp.ones((chunk, chunk), bool))
 
   def step(state, xs):
     s, z = state  # [b, kvh, f, e], [b, kvh, f]: every earlier chunk
-    qc, kc, vc = xs
-    a = jnp.einsum('bqkgd,bskd->bkgqs', qc, kc)
+    qc, kc, vc, start = xs
+    phiq = q_map(qc)
+    phik = k_map(kc, chunk_valid(start, chunk, kv_lengths))
+    a = jnp.einsum('bqkgf,bskf->bkgqs', phiq, phik)
     a = jnp.where(lower, a, 0.0)
     num = (jnp.einsum('bkgqs,bske->bqkge', a, vc)
-           + jnp.einsum('bqkgd,bkde->bqkge', qc, s))
+           + jnp.einsum('bqkgf,bkfe->bqkge', phiq, s))
     den = (jnp.sum(a, axis=-1).transpose(0, 3, 1, 2)
-           + jnp.einsum('bqkgd,bkd->bqkg', qc, z))[..., None]
-    s = s + jnp.einsum('bskd,bske->bkde', kc, vc)
-    z = z + jnp.sum(kc, axis=1)
+           + jnp.einsum('bqkgf,bkf->bqkg', phiq, z))[..., None]
+    s = s + jnp.einsum('bskf,bske->bkfe', phik, vc)
+    z = z + jnp.sum(phik, axis=1)
     return (s, z), (num, den)
 
+  f = jax.eval_shape(k_map, k[:, :1], jnp.ones((b, 1, 1, 1), bool)).shape[-1]
   step = jax.checkpoint(step, prevent_cse=False)
-  state = (jnp.zeros((b, kvh, d, e), jnp.float32),
-           jnp.zeros((b, kvh, d), jnp.float32))
-  _, (num, den) = lax.scan(step, state, (qs, ks, vs))
-  unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(
-      (b, n) + x.shape[3:])[:, :n_q]
-  return unchunk(num), unchunk(den)
+  state = (jnp.zeros((b, kvh, f, e), jnp.float32),
+           jnp.zeros((b, kvh, f), jnp.float32))
+  _, (num, den) = lax.scan(step, state, (
+      row_chunks(q, chunk, n), row_chunks(k, chunk, n),
+      row_chunks(v, chunk, n), starts))
+  return _unchunk(num, n_q), _unchunk(den, n_q)
 
 
-def feature_attention(phiq, phik, v, *, causal, q_lengths, kv_lengths,
-                      chunk, dtype):
-  """Normalised kernel attention from feature-mapped queries and keys.
+def feature_attention(q, k, v, *, q_map, k_map, causal, q_lengths,
+                      kv_lengths, chunk, dtype):
+  """Normalised kernel attention phi(q_i) . phi(k_j) over the visible keys.
 
-  phiq [b, n_q, kvh, g, f] and phik [b, n_k, kvh, f]: non-negative float32
-  features; v [b, n_k, kvh, e]; q_lengths/kv_lengths int32 [b]. Padded keys'
-  features are zeroed here; padded query rows and rows with no visible key
-  are zeros. Returns [b, n_q, kvh * g, e] in `dtype`. Shared by linear and
-  performer (which differ only in the feature map).
+  q [b, n_q, kvh, g, d] (queries grouped by kv head), k [b, n_k, kvh, d],
+  v [b, n_k, kvh, e]; q_lengths/kv_lengths int32 [b]. The feature maps
+  work on a chunk of rows: q_map(q rows [b, c, kvh, g, d]) -> [b, c, kvh,
+  g, f] and k_map(k rows [b, c, kvh, d], valid bool [b, c, 1, 1]) -> [b,
+  c, kvh, f], non-negative float32, zero where not valid (a map must mask
+  before any exp, so padded keys give no inf in the backward pass).
+  Features are made `chunk` rows at a time, causal and bidirectional
+  alike, so no [N, f] feature array exists (performer's f = 256 features
+  per head would be 4x the queries). Padded query rows and rows with no
+  visible key are zeros. Returns [b, n_q, kvh * g, e] in `dtype`. Shared
+  by linear and performer (which differ only in the feature map).
   """
-  b, n_q = phiq.shape[:2]
-  valid = jnp.arange(phik.shape[1])[None, :] < kv_lengths[:, None]
-  phik = jnp.where(valid[:, :, None, None], phik, 0.0)
+  b, n_q = q.shape[:2]
+  e = v.shape[-1]
   vf = v.astype(jnp.float32)
   if causal:
-    num, den = causal_sums(phiq, phik, vf, chunk)
+    num, den = causal_sums(q, k, vf, kv_lengths, q_map, k_map, chunk)
+    keep = (jnp.arange(n_q)[None, :] < q_lengths[:, None])[
+        :, :, None, None, None]
+    out = _normalise(num, den, keep)
   else:
-    num, den = _bidirectional(phiq, phik, vf)
-  keep = (jnp.arange(n_q)[None, :] < q_lengths[:, None])[:, :, None, None,
-                                                         None]
-  out = _normalise(num, den, keep)
-  return out.reshape(b, n_q, -1, v.shape[-1]).astype(dtype)
+    s, z = key_sums(k, vf, kv_lengths, k_map, ROW_BLOCK)
+    chunk = min(ROW_BLOCK, max(n_q, 1))
+    n = masks.ceil_div(max(n_q, 1), chunk) * chunk
+
+    def rows(_, xs):
+      qc, start = xs
+      phiq = q_map(qc)
+      num = jnp.einsum('bqkgf,bkfe->bqkge', phiq, s)
+      den = jnp.einsum('bqkgf,bkf->bqkg', phiq, z)[..., None]
+      keep = chunk_valid(start, chunk, q_lengths)[..., None]
+      return None, _normalise(num, den, keep)
+
+    rows = jax.checkpoint(rows, prevent_cse=False)
+    _, out = lax.scan(rows, None, (row_chunks(q, chunk, n),
+                                   jnp.arange(n // chunk) * chunk))
+    out = _unchunk(out, n_q)
+  return out.reshape(b, n_q, -1, e).astype(dtype)
 
 
 def feature_weights(phiq, phik, mask):
@@ -160,13 +230,18 @@ def feature_weights(phiq, phik, mask):
   return _normalise(a, jnp.sum(a, axis=-1, keepdims=True), True)
 
 
+def _key_map(kc, valid):
+  return jnp.where(valid, feature_map(kc), 0.0)
+
+
 def linear_attention(q, k, v, *, causal, q_lengths, kv_lengths, chunk):
   """Linear attention [b, q_len, h, d] in q's dtype, no N x N array."""
   kv_heads, _ = masks.check_inputs(q, k, v)
   ql, kl = masks.valid_lengths(q, k, q_lengths, kv_lengths)
   return feature_attention(
-      feature_map(masks.group_queries(q, kv_heads)), feature_map(k), v,
-      causal=causal, q_lengths=ql, kv_lengths=kl, chunk=chunk, dtype=q.dtype)
+      masks.group_queries(q, kv_heads), k, v, q_map=feature_map,
+      k_map=_key_map, causal=causal, q_lengths=ql, kv_lengths=kl,
+      chunk=chunk, dtype=q.dtype)
 
 
 def kernel_weights(q, k, *, causal, q_lengths, kv_lengths):

@@ -43,9 +43,13 @@ exactly 0, with no inf in the backward pass).
 Bidirectional: one sum over keys (S = sum_j phi(k_j) v_j^T [m, d], z =
 sum_j phi(k_j) [m]). Causal: prefix sums chunk by chunk, linear.py's
 `causal_sums` (lax.scan carrying the [m, d] state, quadratic inside a
-chunk, jax.checkpoint on the scan step). Query rows at or past q_length and
-rows with no visible key are zeros. Statistics are float32 (q, k, v and W
-taken to float32); the output is in q's dtype.
+chunk, jax.checkpoint on the scan step). Features are computed one block of
+rows at a time and never exist for the whole sequence (linear.py's
+`feature_attention`: `chunk` rows when causal, linear.ROW_BLOCK = 256 rows
+when bidirectional); c_K takes one more pass over the keys, a block at a
+time. Query rows at or past q_length and rows with no visible key are
+zeros. Statistics are float32 (q, k, v and W taken to float32); the output
+is in q's dtype.
 
 Hyperparameters (config.attention.performer):
   num_features  m, random features per kv head, an integer >= 1 (default
@@ -63,14 +67,16 @@ Hyperparameters (config.attention.performer):
                 (the model offsets it by the layer index, so layers differ).
   chunk         positions per causal chunk, an integer >= 1 (default 64,
                 clamped to the sequence); it changes only rounding;
-                bidirectional attention does not use it.
+                bidirectional attention uses linear.ROW_BLOCK instead.
 
-Complexity (N tokens, head dim d, m features, chunk C): bidirectional O(N m
-d) time, O(N m + m d) memory; causal O(N C m + N m d) time and O(N m + N C
-+ (N / C) m d) memory, forward and backward. Drawing W: ceil(m / d) QR
-decompositions of d x d per kv head, O(m d^2). No N x N array exists in
-`attend`; `weights` builds the dense normalised kernel matrix for the same
-features attend draws with the same rng (tests and pictures only).
+Complexity (N tokens, head dim d, m features, chunk C, B = 256 rows):
+bidirectional O(N m d) time and O(N d + B m + m d) memory; causal O(N C m
++ N m d) time and O(N d + C m + N C) memory forward, plus one [m, d] state
+per chunk, (N / C) m d, kept for the backward pass. Drawing W: ceil(m / d)
+QR decompositions of d x d per kv head, O(m d^2). No N x N array and no
+[N, m] feature array exists in `attend`; `weights` builds the dense
+normalised kernel matrix for the same features attend draws with the same
+rng (tests and pictures only).
 
 Implementations:
   xla        the computation above (any backend).
@@ -137,33 +143,60 @@ def exponents(x, w):
   return jnp.einsum('bnkd,kmd->bnkm', x, w) - sq
 
 
-def features(q, k, w, kv_lengths):
-  """(phi(q) [b, n_q, kvh, g, m], phi(k) [b, n_k, kvh, m]), float32, with
-  the stabilising shifts of the module docstring; padded keys' features 0."""
-  kv_heads = k.shape[2]
-  m = w.shape[1]
-  eq = exponents(masks.group_queries(q, kv_heads), w)
-  ek = exponents(k, w)
-  c_q = jax.lax.stop_gradient(jnp.max(eq, axis=-1, keepdims=True))
-  valid = (jnp.arange(k.shape[1])[None, :]
-           < kv_lengths[:, None])[:, :, None, None]  # [b, n_k, 1, 1]
-  ek = jnp.where(valid, ek, masks.NEG_INF)
-  c_k = jnp.max(ek, axis=(1, 3), keepdims=True)  # [b, 1, kvh, 1]
-  c_k = jax.lax.stop_gradient(jnp.where(c_k > 0.5 * masks.NEG_INF, c_k, 0.0))
-  norm = 1.0 / math.sqrt(m)
-  phiq = jnp.exp(eq - c_q) * norm
-  phik = jnp.where(valid, jnp.exp(ek - c_k), 0.0) * norm
-  return phiq, phik
+def query_map(w):
+  """phi(q) of a chunk of grouped query rows [b, c, kvh, g, d] -> [b, c,
+  kvh, g, m], float32, each row shifted by its own largest exponent."""
+  norm = 1.0 / math.sqrt(w.shape[1])
+
+  def phi(qc):
+    eq = exponents(qc, w)
+    c_q = jax.lax.stop_gradient(jnp.max(eq, axis=-1, keepdims=True))
+    return jnp.exp(eq - c_q) * norm
+  return phi
+
+
+def key_shift(k, w, kv_lengths, chunk: int):
+  """c_K [b, 1, kvh, 1]: the largest exponent over the valid keys and all
+  features (0 where no key is valid), found `chunk` keys at a time."""
+  b, n_k, kvh, _ = k.shape
+  chunk = min(chunk, max(n_k, 1))
+  n = masks.ceil_div(max(n_k, 1), chunk) * chunk
+
+  def step(top, xs):
+    kc, start = xs
+    valid = linear.chunk_valid(start, chunk, kv_lengths)
+    ek = jnp.where(valid, exponents(kc, w), masks.NEG_INF)
+    return jnp.maximum(top, jnp.max(ek, axis=(1, 3))), None
+
+  top, _ = jax.lax.scan(step, jnp.full((b, kvh), masks.NEG_INF, jnp.float32),
+                        (linear.row_chunks(k, chunk, n),
+                         jnp.arange(n // chunk) * chunk))
+  top = jnp.where(top > 0.5 * masks.NEG_INF, top, 0.0)[:, None, :, None]
+  return jax.lax.stop_gradient(top)
+
+
+def key_map(w, c_k):
+  """phi(k) of a chunk of key rows [b, c, kvh, d] with validity [b, c, 1,
+  1] -> [b, c, kvh, m], float32, shifted by the shared c_K; padded keys'
+  exponents are masked before exp, so their features are exactly 0."""
+  norm = 1.0 / math.sqrt(w.shape[1])
+
+  def phi(kc, valid):
+    ek = jnp.where(valid, exponents(kc, w), masks.NEG_INF)
+    return jnp.where(valid, jnp.exp(ek - c_k), 0.0) * norm
+  return phi
 
 
 def _setup(q, k, v, params, rng, q_lengths, kv_lengths):
+  """(grouped q, phi(q) map, phi(k) map, q lengths, kv lengths)."""
   check_params(params)
   kv_heads, _ = masks.check_inputs(q, k, v)
   ql, kl = masks.valid_lengths(q, k, q_lengths, kv_lengths)
   w = projections(feature_key(rng, params), params['num_features'],
                   q.shape[-1], kv_heads)
-  phiq, phik = features(q, k, w, kl)
-  return phiq, phik, ql, kl
+  c_k = key_shift(k, w, kl, params['chunk'])
+  return (masks.group_queries(q, kv_heads), query_map(w), key_map(w, c_k),
+          ql, kl)
 
 
 def weights(q, k, v, params, *, implementation='auto', causal=False,
@@ -171,10 +204,12 @@ def weights(q, k, v, params, *, implementation='auto', causal=False,
   """Dense float32 [b, h, q_len, kv_len]: the normalised random-feature
   kernel for the features attend draws with the same rng and params."""
   del implementation
-  phiq, phik, _, _ = _setup(q, k, v, params, rng, q_lengths, kv_lengths)
+  gq, q_map, k_map, _, kl = _setup(q, k, v, params, rng, q_lengths,
+                                   kv_lengths)
+  valid = (jnp.arange(k.shape[1])[None, :] < kl[:, None])[:, :, None, None]
   mask = full.full_mask(q, k, causal=causal, q_lengths=q_lengths,
                         kv_lengths=kv_lengths)
-  return linear.feature_weights(phiq, phik, mask)
+  return linear.feature_weights(q_map(gq), k_map(k, valid), mask)
 
 
 def attend(q, k, v, params, *, implementation='auto', causal=False,
@@ -183,7 +218,8 @@ def attend(q, k, v, params, *, implementation='auto', causal=False,
     w = weights(q, k, v, params, causal=causal, q_lengths=q_lengths,
                 kv_lengths=kv_lengths, rng=rng)
     return full.probs_times_v(w, v, q.dtype)
-  phiq, phik, ql, kl = _setup(q, k, v, params, rng, q_lengths, kv_lengths)
+  gq, q_map, k_map, ql, kl = _setup(q, k, v, params, rng, q_lengths,
+                                    kv_lengths)
   return linear.feature_attention(
-      phiq, phik, v, causal=causal, q_lengths=ql, kv_lengths=kl,
-      chunk=params['chunk'], dtype=q.dtype)
+      gq, k, v, q_map=q_map, k_map=k_map, causal=causal, q_lengths=ql,
+      kv_lengths=kl, chunk=params['chunk'], dtype=q.dtype)

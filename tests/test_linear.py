@@ -12,6 +12,7 @@ import pytest
 
 import attention_variants as av
 import variant_kit as kit
+from attention_variants import linear
 
 ATOL = 1e-5
 _jit = functools.partial(
@@ -49,7 +50,11 @@ def _spec(**params):
     (5, 13, 22, 1),    # more keys than queries
     (3, 22, 13, 2),    # more queries than keys
 ])
-def test_matches_dense_kernel_attention(chunk, n_q, n_k, kv_heads, causal):
+def test_matches_dense_kernel_attention(chunk, n_q, n_k, kv_heads, causal,
+                                        monkeypatch):
+  # Bidirectional attention works in blocks of linear.ROW_BLOCK rows (256);
+  # set to the chunk, so both paths see dividing, padded and clamped blocks.
+  monkeypatch.setattr(linear, 'ROW_BLOCK', chunk)
   q, k, v, ql, kl = kit.padded_inputs(n_q, n_k, kv_heads)
   spec = _spec(chunk=chunk)
   got, want = kit.outputs_and_grads([

@@ -14,6 +14,7 @@ import pytest
 
 import attention_variants as av
 import variant_kit as kit
+from attention_variants import linear
 from attention_variants import performer
 
 ATOL = 1e-5
@@ -107,7 +108,10 @@ def test_error_against_softmax_falls_with_more_features():
     (3, 22, 13, 2, 8),    # more queries than keys
 ])
 def test_matches_dense_kernel_attention(chunk, n_q, n_k, kv_heads, m,
-                                        causal):
+                                        causal, monkeypatch):
+  # Bidirectional attention works in blocks of linear.ROW_BLOCK rows (256);
+  # set to the chunk, so both paths see dividing, padded and clamped blocks.
+  monkeypatch.setattr(linear, 'ROW_BLOCK', chunk)
   q, k, v, ql, kl = kit.padded_inputs(n_q, n_k, kv_heads)
   spec = _spec(chunk=chunk, num_features=m)
   key = jax.random.PRNGKey(3)
@@ -280,3 +284,14 @@ def test_backward_memory_is_linear_in_length(causal):
   """Doubling N at most doubles forward + backward memory (N x N would 4x)."""
   n, heads, spec = 1024, 2, _spec(chunk=16, num_features=16)
   kit.assert_backward_memory_is_linear(spec, causal=causal, n=n, heads=heads)
+
+
+@pytest.mark.parametrize('causal', [False, True], ids=['bidir', 'causal'])
+def test_no_feature_array_for_the_whole_sequence(causal):
+  """Features exist a block of rows at a time: the forward pass's memory at
+  N = 8192 with m = 256 stays below ONE head's [N, m] float32 features
+  (holding phi(q) and phi(k) for both heads would be 4x that)."""
+  n, m = 8192, 256
+  spec = _spec(num_features=m)
+  used = kit.compiled_bytes(spec, n, causal=causal, heads=2, backward=False)
+  assert used < n * m * 4, (used, n * m * 4)

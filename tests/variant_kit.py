@@ -133,20 +133,31 @@ def softmax_masked(s, rows, cols):
   return np.where(den > 0, e / np.where(den > 0, den, 1.0), 0.0)
 
 
-def grad_bytes(spec, n: int, *, causal: bool, heads: int = 2,
-               head_dim: int = 8) -> int:
-  """Temp + output bytes of the compiled gradient of attention at length n
-  (skips the test where the backend reports no memory analysis)."""
+def compiled_bytes(spec, n: int, *, causal: bool, heads: int = 2,
+                   head_dim: int = 8, backward: bool = True) -> int:
+  """Temp + output bytes of the compiled attention at length n: its
+  gradient (backward=True) or its forward pass alone (skips the test where
+  the backend reports no memory analysis)."""
   q = jnp.zeros((1, n, heads, head_dim))
   params = learned(spec, q, q)
-  def loss(q, k, v):
-    return jnp.sum(av.attend(q, k, v, spec, causal=causal,
-                             learned=params) ** 2)
-  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  mem = grad.lower(q, q, q).compile().memory_analysis()
+  def forward(q, k, v):
+    return av.attend(q, k, v, spec, causal=causal, learned=params)
+  if backward:
+    fn = jax.grad(lambda *a: jnp.sum(forward(*a) ** 2), argnums=(0, 1, 2))
+  else:
+    fn = forward
+  mem = jax.jit(fn).lower(q, q, q).compile().memory_analysis()
   if mem is None:
     pytest.skip('no memory analysis on this backend')
   return mem.temp_size_in_bytes + mem.output_size_in_bytes
+
+
+def grad_bytes(spec, n: int, *, causal: bool, heads: int = 2,
+               head_dim: int = 8) -> int:
+  """Temp + output bytes of the compiled gradient of attention at length
+  n."""
+  return compiled_bytes(spec, n, causal=causal, heads=heads,
+                        head_dim=head_dim)
 
 
 def assert_backward_memory_is_linear(spec, *, causal: bool, n: int = 1024,
