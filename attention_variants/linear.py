@@ -80,26 +80,6 @@ def _normalise(num, den, keep):
   return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
 
 
-def row_chunks(x, chunk: int, n: int):
-  """x [b, rows, ...] zero-padded to n rows (a multiple of chunk) and split
-  into [n / chunk, b, chunk, ...] for a lax.scan over chunks."""
-  x = masks.pad_to_multiple(x, 1, n)
-  return jnp.moveaxis(x.reshape((x.shape[0], n // chunk, chunk)
-                                + x.shape[2:]), 1, 0)
-
-
-def _unchunk(x, n_rows: int):
-  """[steps, b, chunk, ...] -> [b, n_rows, ...] (padding rows cut off)."""
-  x = jnp.moveaxis(x, 0, 1)
-  return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :n_rows]
-
-
-def chunk_valid(start, chunk: int, lengths):
-  """bool [b, chunk, 1, 1]: positions start .. start + chunk - 1 < lengths."""
-  return ((start + jnp.arange(chunk))[None, :]
-          < lengths[:, None])[:, :, None, None]
-
-
 def key_sums(k, v, kv_lengths, k_map, chunk: int):
   """(S [b, kvh, f, e], z [b, kvh, f]): sum over the valid keys j of
   phi(k_j) v_j^T and of phi(k_j), computed `chunk` keys at a time so the
@@ -112,7 +92,8 @@ def key_sums(k, v, kv_lengths, k_map, chunk: int):
   def step(state, xs):
     s, z = state
     kc, vc, start = xs
-    phik = k_map(kc, chunk_valid(start, chunk, kv_lengths))
+    valid = masks.block_valid(start, chunk, kv_lengths)[:, :, None, None]
+    phik = k_map(kc, valid)
     return (s + jnp.einsum('bskf,bske->bkfe', phik, vc),
             z + jnp.sum(phik, axis=1)), None
 
@@ -121,8 +102,8 @@ def key_sums(k, v, kv_lengths, k_map, chunk: int):
   state = (jnp.zeros((b, kvh, f, v.shape[-1]), jnp.float32),
            jnp.zeros((b, kvh, f), jnp.float32))
   step = jax.checkpoint(step, prevent_cse=False)
-  (s, z), _ = lax.scan(step, state, (row_chunks(k, chunk, n),
-                                     row_chunks(v, chunk, n), starts))
+  (s, z), _ = lax.scan(step, state, (masks.row_blocks(k, chunk, n),
+                                     masks.row_blocks(v, chunk, n), starts))
   return s, z
 
 
@@ -154,7 +135,8 @@ def causal_sums(q, k, v, kv_lengths, q_map, k_map, chunk: int):
     s, z = state  # [b, kvh, f, e], [b, kvh, f]: every earlier chunk
     qc, kc, vc, start = xs
     phiq = q_map(qc)
-    phik = k_map(kc, chunk_valid(start, chunk, kv_lengths))
+    valid = masks.block_valid(start, chunk, kv_lengths)[:, :, None, None]
+    phik = k_map(kc, valid)
     a = jnp.einsum('bqkgf,bskf->bkgqs', phiq, phik)
     a = jnp.where(lower, a, 0.0)
     num = (jnp.einsum('bkgqs,bske->bqkge', a, vc)
@@ -170,9 +152,9 @@ def causal_sums(q, k, v, kv_lengths, q_map, k_map, chunk: int):
   state = (jnp.zeros((b, kvh, f, e), jnp.float32),
            jnp.zeros((b, kvh, f), jnp.float32))
   _, (num, den) = lax.scan(step, state, (
-      row_chunks(q, chunk, n), row_chunks(k, chunk, n),
-      row_chunks(v, chunk, n), starts))
-  return _unchunk(num, n_q), _unchunk(den, n_q)
+      masks.row_blocks(q, chunk, n), masks.row_blocks(k, chunk, n),
+      masks.row_blocks(v, chunk, n), starts))
+  return masks.unblock_rows(num, n_q), masks.unblock_rows(den, n_q)
 
 
 def feature_attention(q, k, v, *, q_map, k_map, causal, q_lengths,
@@ -209,13 +191,14 @@ def feature_attention(q, k, v, *, q_map, k_map, causal, q_lengths,
       phiq = q_map(qc)
       num = jnp.einsum('bqkgf,bkfe->bqkge', phiq, s)
       den = jnp.einsum('bqkgf,bkf->bqkg', phiq, z)[..., None]
-      keep = chunk_valid(start, chunk, q_lengths)[..., None]
+      keep = masks.block_valid(start, chunk, q_lengths)[:, :, None, None,
+                                                        None]
       return None, _normalise(num, den, keep)
 
     rows = jax.checkpoint(rows, prevent_cse=False)
-    _, out = lax.scan(rows, None, (row_chunks(q, chunk, n),
+    _, out = lax.scan(rows, None, (masks.row_blocks(q, chunk, n),
                                    jnp.arange(n // chunk) * chunk))
-    out = _unchunk(out, n_q)
+    out = masks.unblock_rows(out, n_q)
   return out.reshape(b, n_q, -1, e).astype(dtype)
 
 

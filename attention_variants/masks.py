@@ -136,6 +136,26 @@ def pad_to_multiple(x, axis: int, multiple: int):
   return jnp.pad(x, widths)
 
 
+def row_blocks(x, block: int, n: int):
+  """x [b, rows, ...] zero-padded to n rows (a multiple of block) and split
+  into [n / block, b, block, ...], for a lax.scan over blocks of rows."""
+  x = pad_to_multiple(x, 1, n)
+  return jnp.moveaxis(x.reshape((x.shape[0], n // block, block)
+                                + x.shape[2:]), 1, 0)
+
+
+def unblock_rows(x, n_rows: int):
+  """row_blocks' inverse: [steps, b, block, ...] -> [b, n_rows, ...] (the
+  padding rows cut off)."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :n_rows]
+
+
+def block_valid(start, block: int, lengths):
+  """bool [b, block]: positions start .. start + block - 1 < lengths."""
+  return (start + jnp.arange(block))[None, :] < lengths[:, None]
+
+
 class KeyPart(NamedTuple):
   """One set of keys that blocked queries attend to (gathered variants).
 

@@ -164,12 +164,12 @@ def key_shift(k, w, kv_lengths, chunk: int):
 
   def step(top, xs):
     kc, start = xs
-    valid = linear.chunk_valid(start, chunk, kv_lengths)
+    valid = masks.block_valid(start, chunk, kv_lengths)[:, :, None, None]
     ek = jnp.where(valid, exponents(kc, w), masks.NEG_INF)
     return jnp.maximum(top, jnp.max(ek, axis=(1, 3))), None
 
   top, _ = jax.lax.scan(step, jnp.full((b, kvh), masks.NEG_INF, jnp.float32),
-                        (linear.row_chunks(k, chunk, n),
+                        (masks.row_blocks(k, chunk, n),
                          jnp.arange(n // chunk) * chunk))
   top = jnp.where(top > 0.5 * masks.NEG_INF, top, 0.0)[:, None, :, None]
   return jax.lax.stop_gradient(top)

@@ -87,18 +87,21 @@ def _dense(q, k, v, e, f, ql, kl, ct):
   return w, out, (dq, dk, dv, de, df)
 
 
-@pytest.mark.parametrize('n_q,n_k,kv_heads,rows,share_heads,share_kv,sparse', [
-    (21, 21, 2, 5, True, False, False),    # GQA, shared pair
-    (13, 22, 2, 6, False, False, False),   # per kv head; more keys
-    (22, 13, 4, 4, True, True, True),      # E = F; zeros in E: dead rows
-    (21, 21, 1, 8, False, False, True),    # zeros in E and F; max_len 30
-])
+@pytest.mark.parametrize(
+    'n_q,n_k,kv_heads,rows,share_heads,share_kv,sparse,block', [
+        (21, 21, 2, 5, True, False, False, 7),    # GQA, shared pair
+        (13, 22, 2, 6, False, False, False, 5),   # per kv head; more keys
+        (22, 13, 4, 4, True, True, True, 1024),   # E = F; dead rows
+        (21, 21, 1, 8, False, False, True, 4),    # zeros in E, F; max_len 30
+    ])
 def test_matches_dense_definition(n_q, n_k, kv_heads, rows, share_heads,
-                                  share_kv, sparse):
+                                  share_kv, sparse, block, monkeypatch):
   """Random learned E, F from init_learned (max_len > n_k in the last case:
   its leading columns); 'sparse' zeroes ~70% of their entries so that some
   projected rows have no weight on the valid keys of short rows and are
-  masked."""
+  masked. Query rows are answered `block` at a time (linformer.ROW_BLOCK:
+  dividing n_q, padded, or one block)."""
+  monkeypatch.setattr(linformer, 'ROW_BLOCK', block)
   q, k, v, ql, kl = kit.padded_inputs(n_q, n_k, kv_heads, scale=1.0)
   spec = _spec(k=rows, share_heads=share_heads, share_kv=share_kv)
   learned = kit.learned(spec, q, k, max_len=30 if kv_heads == 1 else None)
