@@ -187,11 +187,7 @@ def test_no_lengths_and_low_precision(kind):
 ])
 def test_bad_params_raise(spec, name):
   value = spec[spec['kind']][name]
-  with pytest.raises(ValueError, match=rf'{name}={value!r}.*(>= |-1)'):
-    av.validate(spec)
-  (q, k, v), _, _, _ = _inputs(n_q=5, n_k=5)
-  with pytest.raises(ValueError, match=name):
-    av.attend(q, k, v, spec)
+  kit.assert_bad_params_raise(spec, rf'{name}={value!r}.*(>= |-1)')
 
 
 

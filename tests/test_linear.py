@@ -113,13 +113,8 @@ def test_no_lengths_and_low_precision():
 
 @pytest.mark.parametrize('value', [0, -4, 2.5, True])
 def test_bad_chunk_raises(value):
-  spec = _spec(chunk=value)
-  with pytest.raises(ValueError, match=rf'attention.linear.chunk={value!r}'
-                                       r'.*>= 1'):
-    av.validate(spec)
-  q, k, v, _, _ = kit.padded_inputs(5, 5)
-  with pytest.raises(ValueError, match='chunk'):
-    av.attend(q, k, v, spec)
+  kit.assert_bad_params_raise(_spec(chunk=value),
+                              rf'attention.linear.chunk={value!r}.*>= 1')
 
 
 

@@ -185,13 +185,8 @@ def test_causal_is_rejected():
     ('k', 0, '>= 1'), ('k', 2.5, '>= 1'), ('share_heads', 1, 'True or False'),
     ('share_kv', 'no', 'True or False')])
 def test_bad_params_raise(name, value, match):
-  spec = _spec(**{name: value})
-  with pytest.raises(ValueError,
-                     match=rf'attention.linformer.{name}={value!r}.*{match}'):
-    av.validate(spec)
-  with pytest.raises(ValueError, match=name):
-    av.init_learned(spec, jax.random.key(0), num_heads=4, num_kv_heads=2,
-                    head_dim=8, max_len=5)
+  kit.assert_bad_params_raise(
+      _spec(**{name: value}), rf'attention.linformer.{name}={value!r}.*{match}')
 
 
 def test_mismatched_learned_arrays_raise():

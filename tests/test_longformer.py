@@ -145,13 +145,8 @@ def test_no_lengths_and_low_precision():
     ('block', 0),
 ])
 def test_bad_params_raise(name, value):
-  spec = _spec(**{name: value})
-  with pytest.raises(ValueError,
-                     match=rf'attention.longformer.{name}={value!r}.*>= '):
-    av.validate(spec)
-  q, k, v, _, _ = kit.padded_inputs(5, 5)
-  with pytest.raises(ValueError, match=name):
-    av.attend(q, k, v, spec)
+  kit.assert_bad_params_raise(
+      _spec(**{name: value}), rf'attention.longformer.{name}={value!r}.*>= ')
 
 
 

@@ -261,12 +261,7 @@ def test_hash_factors_and_automatic_bucket_count():
     dict(seed=-1),
 ])
 def test_bad_params_raise(bad):
-  name = next(iter(bad))
-  with pytest.raises(ValueError, match=f'lsh.{name}'):
-    av.validate(_spec(**bad))
-  q, k, v = _inputs()
-  with pytest.raises(ValueError, match=f'lsh.{name}'):
-    av.attend(q, k, v, _spec(**bad))
+  kit.assert_bad_params_raise(_spec(**bad), f'lsh.{next(iter(bad))}')
 
 
 def test_shared_qk_needs_equal_lengths():

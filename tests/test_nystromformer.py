@@ -240,13 +240,9 @@ def test_no_lengths_and_low_precision():
     ('pinv_iterations', 0, 1), ('pinv_iterations', True, 1),
     ('conv_kernel', -1, 0), ('conv_kernel', 1.5, 0)])
 def test_bad_params_raise(name, value, minimum):
-  spec = _spec(**{name: value})
-  with pytest.raises(ValueError, match=rf'attention.nystromformer.{name}='
-                                       rf'{value!r}.*>= {minimum}'):
-    av.validate(spec)
-  q, k, v, _, _ = _inputs(5, 5)
-  with pytest.raises(ValueError, match=name):
-    _attend(q, k, v, spec)
+  kit.assert_bad_params_raise(
+      _spec(**{name: value}),
+      rf'attention.nystromformer.{name}={value!r}.*>= {minimum}')
 
 
 

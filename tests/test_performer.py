@@ -270,12 +270,8 @@ def test_no_lengths_and_low_precision():
     ('chunk', 0, r'chunk=0 .*>= 1'),
 ])
 def test_bad_params_raise(name, value, match):
-  spec = _spec(**{name: value})
-  with pytest.raises(ValueError, match=rf'attention.performer.{match}'):
-    av.validate(spec)
-  q, k, v, _, _ = kit.padded_inputs(5, 5)
-  with pytest.raises(ValueError, match=name):
-    av.attend(q, k, v, spec)
+  kit.assert_bad_params_raise(_spec(**{name: value}),
+                              rf'attention.performer.{match}')
 
 
 

@@ -348,13 +348,8 @@ def test_init_shapes_and_low_precision():
     ('temperature', float('inf')), ('temperature', '1'),
 ])
 def test_bad_params_raise(name, value):
-  spec = _spec(**{name: value})
-  with pytest.raises(ValueError,
-                     match=rf'attention\.sinkhorn\.{name}=.* is invalid'):
-    av.validate(spec)
-  q, k, v, _, _ = kit.padded_inputs(5, 5)
-  with pytest.raises(ValueError, match=name):
-    av.attend(q, k, v, spec, learned={})
+  kit.assert_bad_params_raise(
+      _spec(**{name: value}), rf'attention\.sinkhorn\.{name}=.* is invalid')
 
 
 def test_learned_parameters_are_required_and_checked():

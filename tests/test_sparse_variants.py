@@ -303,12 +303,7 @@ def test_bfloat16_inputs_give_bfloat16_outputs():
     ('bigbird', {'seed': True}, 'attention.bigbird.seed'),
 ])
 def test_bad_parameters_raise_value_error(kind, params, message):
-  spec = kit.spec(kind, **params)
-  with pytest.raises(ValueError, match=message):
-    av.validate(spec)
-  q, k, v = _inputs(8, 8, batch=1)
-  with pytest.raises(ValueError, match=message):
-    av.attend(q, k, v, spec)
+  kit.assert_bad_params_raise(kit.spec(kind, **params), message)
 
 
 def test_strided_ignores_num_summary():

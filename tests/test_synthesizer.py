@@ -269,12 +269,8 @@ def test_init_shapes_and_scales():
     ('block', -2, r'block=-2.*>= 1'),
 ])
 def test_bad_params_raise(name, value, match):
-  spec = _spec(**{name: value})
-  with pytest.raises(ValueError, match=rf'attention.synthesizer.{match}'):
-    av.validate(spec)
-  q, k, v, _, _ = kit.padded_inputs(5, 5)
-  with pytest.raises(ValueError, match=f'attention.synthesizer.{name}'):
-    av.attend(q, k, v, spec, learned={})
+  kit.assert_bad_params_raise(_spec(**{name: value}),
+                              rf'attention.synthesizer.{match}')
 
 
 def test_learned_arrays_are_checked():

@@ -168,3 +168,21 @@ def assert_backward_memory_is_linear(spec, *, causal: bool, n: int = 1024,
   large = grad_bytes(spec, 2 * n, causal=causal, heads=heads)
   assert large <= 2.2 * small, (small, large)
   assert large < (2 * n) ** 2 * heads, (large, n)
+
+
+def assert_bad_params_raise(spec, match: str) -> None:
+  """A bad hyperparameter in spec is one clear ValueError (its message
+  searched for the regex `match`) wherever it can enter: av.validate,
+  av.init_learned for kinds that own parameters, and av.attend (given
+  learned={} for those kinds, so the hyperparameters are checked before
+  the arrays)."""
+  with pytest.raises(ValueError, match=match):
+    av.validate(spec)
+  owns = av.owns_parameters(spec)
+  if owns:
+    with pytest.raises(ValueError, match=match):
+      av.init_learned(spec, jax.random.key(0), num_heads=4, num_kv_heads=2,
+                      head_dim=8, max_len=5)
+  q, k, v, _, _ = padded_inputs(5, 5)
+  with pytest.raises(ValueError, match=match):
+    av.attend(q, k, v, spec, learned={} if owns else None)
