@@ -23,7 +23,12 @@ independent standard Gaussian d-vector (chi distributed with d degrees of
 freedom), so each row is again marginally N(0, I) and the estimate stays
 unbiased while rows within a block are exactly orthogonal. One W per kv
 head; the query heads of a GQA group share it (q and k must use the same
-features).
+features). The QR decomposition is Householder's, written in jnp ops
+(`haar_orthogonal`), not jnp.linalg.qr: on CPU, jaxlib 0.10.2's LAPACK QR
+kernels hand their batch to XLA's thread pool and block a pool thread
+until it is done, so two of them running at once (two layers drawing their
+features in one train step) can wait on each other forever; this hung MQAR
+training on 2 cores (every thread in a futex wait, in sgeqrf and sorgqr).
 
 Numerical stability (as the paper's code): exponents are shifted before exp
 by constants that cancel in the normalisation. For a query row the shift is
@@ -116,6 +121,33 @@ def feature_key(rng, params):
   return rng
 
 
+def haar_orthogonal(g):
+  """Q diag(sign(diag R)) for the QR decomposition G = Q R of each g [...,
+  d, d] (float32): Householder reflections H_k = I - 2 v_k v_k^T, one per
+  column (a lax.fori_loop), applied to R and accumulated into Q, then the
+  sign fix. For a Gaussian g the result is Haar distributed; it equals the
+  same correction of jnp.linalg.qr's Q (tested)."""
+  d = g.shape[-1]
+  rows = jnp.arange(d)
+
+  def reflect(k, qr):
+    q, r = qr
+    x = jnp.where(rows >= k, r[..., :, k], 0.0)  # column k, rows >= k
+    x0 = r[..., k, k]
+    alpha = -jnp.where(x0 >= 0, 1.0, -1.0) * jnp.linalg.norm(x, axis=-1)
+    v = x - alpha[..., None] * (rows == k)
+    v = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-30)
+    vr = jnp.einsum('...i,...ij->...j', v, r)  # v^T R
+    qv = jnp.einsum('...ij,...j->...i', q, v)  # Q v
+    r = r - 2.0 * v[..., :, None] * vr[..., None, :]
+    q = q - 2.0 * qv[..., :, None] * v[..., None, :]
+    return q, r
+
+  eye = jnp.broadcast_to(jnp.eye(d, dtype=jnp.float32), g.shape)
+  q, r = jax.lax.fori_loop(0, d, reflect, (eye, g.astype(jnp.float32)))
+  return q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
+
+
 def projections(key, num_features: int, head_dim: int, kv_heads: int):
   """W: float32 [kv_heads, num_features, head_dim], orthogonal blocks of
   head_dim rows with chi-distributed row norms (see the module docstring)."""
@@ -123,8 +155,7 @@ def projections(key, num_features: int, head_dim: int, kv_heads: int):
   blocks = masks.ceil_div(m, d)
   k_dirs, k_norms = jax.random.split(key)
   g = jax.random.normal(k_dirs, (kv_heads, blocks, d, d), jnp.float32)
-  qmat, r = jnp.linalg.qr(g)
-  qmat = qmat * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
+  qmat = haar_orthogonal(g)
   rows = jnp.swapaxes(qmat, -1, -2).reshape(kv_heads, blocks * d, d)[:, :m]
   norms = jnp.linalg.norm(
       jax.random.normal(k_norms, (kv_heads, m, d), jnp.float32), axis=-1)
