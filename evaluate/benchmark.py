@@ -27,6 +27,7 @@ from evaluate.compare import names
 from train import profile
 from train import trainer
 from train import writer as writer_lib
+from utils import provenance
 
 PEER = 'dot_product_attention'
 
@@ -172,6 +173,7 @@ def run(config, workdir: str) -> dict:
                      f'lengths positive; got passes={config.passes!r}, '
                      f'lengths={config.lengths!r}')
   rows, total = [], len(fns) * len(lengths) * len(passes)
+  code = provenance.code_version()
 
   def write(complete: bool) -> dict:
     """benchmark.json (and .md) of the rows so far, written after every
@@ -180,7 +182,8 @@ def run(config, workdir: str) -> dict:
     result = {'device': profile.device_kind(), 'dtype': config.dtype,
               'batch_size': config.batch_size, 'heads': config.heads,
               'head_dim': config.head_dim, 'causal': config.causal,
-              'attention': spec, 'complete': complete, 'rows': rows,
+              'attention': spec, 'code': code, 'complete': complete,
+              'rows': rows,
               'exponents': {f'{n}/{p}': scaling_exponent(rows, n, p)
                             for n in fns for p in passes}}
     writer_lib.write_json_atomic(os.path.join(workdir, 'benchmark.json'),

@@ -7,6 +7,7 @@ import pytest
 
 from configs import benchmark as benchmark_config
 from evaluate import benchmark
+from utils import provenance
 
 
 def test_smoke_benchmark_writes_rows_and_ratios(tmp_path, monkeypatch):
@@ -99,3 +100,4 @@ def test_rows_are_written_as_they_come(tmp_path, monkeypatch):
   monkeypatch.setattr(benchmark, 'measure', real)
   done = benchmark.run(config, str(tmp_path / 'c'))
   assert done['complete'] and len(done['rows']) == 4
+  assert done['code'] == provenance.code_version()  # the code that ran

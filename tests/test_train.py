@@ -11,6 +11,7 @@ import tasks
 from tasks.heads import classify
 from train import step as step_lib
 from train import trainer
+from utils import provenance
 
 
 def _read(path):
@@ -46,6 +47,8 @@ def test_run_writes_everything(smoke_config, tmp_path, task):
   assert compute['train_steps_per_sec'] > 0
   assert compute['eval_examples_per_sec'] > 0
   assert _read(os.path.join(workdir, 'config.json'))['task']['name'] == task
+  # The code that made it: this checkout's commit (None outside git).
+  assert on_disk['code'] == provenance.code_version()
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     records = [json.loads(line) for line in f]
   assert any('train/loss' in r for r in records)

@@ -32,6 +32,7 @@ from train import profile
 from train import step as step_lib
 from train import writer as writer_lib
 from utils import progress as progress_lib
+from utils import provenance
 
 
 def default_data_dir(config) -> str:
@@ -425,6 +426,7 @@ class Trainer:
                     'test': _scalars(test, keep_lists=True)},
         'compute': compute,
         'wall_time_s': totals['wall_seconds'] + time.time() - t_start,
+        'code': provenance.code_version(),
     }
     path = os.path.join(self.workdir, 'results.json')
     writer_lib.write_json_atomic(path, results)
