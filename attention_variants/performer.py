@@ -35,15 +35,22 @@ by constants that cancel in the normalisation. For a query row the shift is
 c_i = max_r (w_r . q_i' - |q_i'|^2 / 2), its own largest exponent (so its
 largest feature is exactly 1/sqrt(m) and a row never underflows to all
 zeros); it multiplies row i's numerator and denominator alike by
-exp(-c_i). For keys the shift is ONE constant c_K per (batch row, kv head):
-the largest exponent over all valid keys and all features; it multiplies
-every key's features, hence every term of every row, by exp(-c_K), which
-cancels too (it must not be per key: that would reweight the keys). A
-shift is 0 where there is no valid key. Shifts are stop_gradient (the
-output does not depend on them). Under causal attention c_K also looks at
-later keys; since it cancels this changes only rounding, not what a query
-sees. Padded keys' exponents are masked before exp (their features are
-exactly 0, with no inf in the backward pass).
+exp(-c_i). For keys the shift is one constant c_K for all the keys a row
+sees, never per key (that would reweight the keys): it multiplies every
+term of the row by exp(-c_K), which cancels too. Bidirectional: c_K is the
+largest exponent over all valid keys and all features, per (batch row, kv
+head). Causal: the keys are taken chunk by chunk, and chunk c's keys are
+shifted by the largest exponent of the valid keys up to the end of chunk
+c (a running maximum; the state of the earlier chunks is rescaled by
+exp(old - new) when it grows, as an online softmax rescales), so a row is
+never scaled down by keys more than a chunk ahead of it. (Before 2026-12-02
+one global c_K served causal rows too, scaling the first rows by every
+later key; MQAR training at width 64 then hit NaN gradients at step 550,
+as a first row's denominator underflowing to a float32 denormal would
+give.) A shift is 0 where there is no valid key. Shifts are stop_gradient
+(the output does not depend on them). Padded keys' exponents are masked
+before exp (their features are exactly 0, with no inf in the backward
+pass).
 
 Bidirectional: one sum over keys (S = sum_j phi(k_j) v_j^T [m, d], z =
 sum_j phi(k_j) [m]). Causal: prefix sums chunk by chunk, linear.py's
@@ -51,10 +58,9 @@ sum_j phi(k_j) [m]). Causal: prefix sums chunk by chunk, linear.py's
 chunk, jax.checkpoint on the scan step). Features are computed one block of
 rows at a time and never exist for the whole sequence (linear.py's
 `feature_attention`: `chunk` rows when causal, linear.ROW_BLOCK = 256 rows
-when bidirectional); c_K takes one more pass over the keys, a block at a
-time. Query rows at or past q_length and rows with no visible key are
-zeros. Statistics are float32 (q, k, v and W taken to float32); the output
-is in q's dtype.
+when bidirectional), c_K as a running maximum along the way. Query rows at
+or past q_length and rows with no visible key are zeros. Statistics are
+float32 (q, k, v and W taken to float32); the output is in q's dtype.
 
 Hyperparameters (config.attention.performer):
   num_features  m, random features per kv head, an integer >= 1 (default
@@ -186,48 +192,38 @@ def query_map(w):
   return phi
 
 
-def key_shift(k, w, kv_lengths, chunk: int):
-  """c_K [b, 1, kvh, 1]: the largest exponent over the valid keys and all
-  features (0 where no key is valid), found `chunk` keys at a time."""
-  b, n_k, kvh, _ = k.shape
-  chunk = min(chunk, max(n_k, 1))
-  n = masks.ceil_div(max(n_k, 1), chunk) * chunk
-
-  def step(top, xs):
-    kc, start = xs
-    valid = masks.block_valid(start, chunk, kv_lengths)[:, :, None, None]
+def key_top(w):
+  """The largest exponent of a chunk of key rows [b, c, kvh, d] over its
+  valid positions (validity [b, c, 1, 1]) and all features -> [b, kvh]
+  (NEG_INF where none is valid): linear.feature_attention's k_top."""
+  def top(kc, valid):
     ek = jnp.where(valid, exponents(kc, w), masks.NEG_INF)
-    return jnp.maximum(top, jnp.max(ek, axis=(1, 3))), None
-
-  top, _ = jax.lax.scan(step, jnp.full((b, kvh), masks.NEG_INF, jnp.float32),
-                        (masks.row_blocks(k, chunk, n),
-                         jnp.arange(n // chunk) * chunk))
-  top = jnp.where(top > 0.5 * masks.NEG_INF, top, 0.0)[:, None, :, None]
-  return jax.lax.stop_gradient(top)
+    return jnp.max(ek, axis=(1, 3))
+  return top
 
 
-def key_map(w, c_k):
+def key_map(w):
   """phi(k) of a chunk of key rows [b, c, kvh, d] with validity [b, c, 1,
-  1] -> [b, c, kvh, m], float32, shifted by the shared c_K; padded keys'
+  1] and shift [b, 1, kvh, 1] -> [b, c, kvh, m], float32; padded keys'
   exponents are masked before exp, so their features are exactly 0."""
   norm = 1.0 / math.sqrt(w.shape[1])
 
-  def phi(kc, valid):
+  def phi(kc, valid, shift):
     ek = jnp.where(valid, exponents(kc, w), masks.NEG_INF)
-    return jnp.where(valid, jnp.exp(ek - c_k), 0.0) * norm
+    return jnp.where(valid, jnp.exp(ek - shift), 0.0) * norm
   return phi
 
 
 def _setup(q, k, v, params, rng, q_lengths, kv_lengths):
-  """(grouped q, phi(q) map, phi(k) map, q lengths, kv lengths)."""
+  """(grouped q, phi(q) map, phi(k) map, key top, q lengths, kv
+  lengths)."""
   check_params(params)
   kv_heads, _ = masks.check_inputs(q, k, v)
   ql, kl = masks.valid_lengths(q, k, q_lengths, kv_lengths)
   w = projections(feature_key(rng, params), params['num_features'],
                   q.shape[-1], kv_heads)
-  c_k = key_shift(k, w, kl, params['chunk'])
-  return (masks.group_queries(q, kv_heads), query_map(w), key_map(w, c_k),
-          ql, kl)
+  return (masks.group_queries(q, kv_heads), query_map(w), key_map(w),
+          key_top(w), ql, kl)
 
 
 def weights(q, k, v, params, *, implementation='auto', causal=False,
@@ -235,12 +231,16 @@ def weights(q, k, v, params, *, implementation='auto', causal=False,
   """Dense float32 [b, h, q_len, kv_len]: the normalised random-feature
   kernel for the features attend draws with the same rng and params."""
   del implementation
-  gq, q_map, k_map, _, kl = _setup(q, k, v, params, rng, q_lengths,
-                                   kv_lengths)
+  gq, q_map, k_map, k_top, _, kl = _setup(q, k, v, params, rng, q_lengths,
+                                          kv_lengths)
   valid = (jnp.arange(k.shape[1])[None, :] < kl[:, None])[:, :, None, None]
+  # One shift for all keys (the largest exponent of all valid keys): the
+  # normalised matrix is the same for any shift common to a row's keys.
+  top = jax.lax.stop_gradient(k_top(k, valid))
+  shift = jnp.where(top > 0.5 * masks.NEG_INF, top, 0.0)[:, None, :, None]
   mask = full.full_mask(q, k, causal=causal, q_lengths=q_lengths,
                         kv_lengths=kv_lengths)
-  return linear.feature_weights(q_map(gq), k_map(k, valid), mask)
+  return linear.feature_weights(q_map(gq), k_map(k, valid, shift), mask)
 
 
 def attend(q, k, v, params, *, implementation='auto', causal=False,
@@ -249,8 +249,8 @@ def attend(q, k, v, params, *, implementation='auto', causal=False,
     w = weights(q, k, v, params, causal=causal, q_lengths=q_lengths,
                 kv_lengths=kv_lengths, rng=rng)
     return full.probs_times_v(w, v, q.dtype)
-  gq, q_map, k_map, ql, kl = _setup(q, k, v, params, rng, q_lengths,
-                                    kv_lengths)
+  gq, q_map, k_map, k_top, ql, kl = _setup(q, k, v, params, rng,
+                                           q_lengths, kv_lengths)
   return linear.feature_attention(
-      gq, k, v, q_map=q_map, k_map=k_map, causal=causal, q_lengths=ql,
-      kv_lengths=kl, chunk=params['chunk'], dtype=q.dtype)
+      gq, k, v, q_map=q_map, k_map=k_map, k_top=k_top, causal=causal,
+      q_lengths=ql, kv_lengths=kl, chunk=params['chunk'], dtype=q.dtype)

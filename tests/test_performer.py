@@ -317,3 +317,41 @@ def test_no_feature_array_for_the_whole_sequence(causal):
   spec = _spec(num_features=m)
   used = kit.compiled_bytes(spec, n, causal=causal, heads=2, backward=False)
   assert used < n * m * 4, (used, n * m * 4)
+
+
+def test_causal_rows_are_shifted_by_the_keys_they_see():
+  """The first 8 keys have huge norms (exponents near -160, below float32's
+  smallest denormal, exp(-103)) and key 20 is aligned with a feature
+  (exponent > 0). One shift for all keys (their largest exponent) would
+  underflow rows 0..7 to zero denominators (zero rows, inf gradients); the
+  running shift keeps every row equal to the float64 definition and every
+  gradient finite."""
+  n, d, m, key = 32, 8, 16, jax.random.PRNGKey(7)
+  spec = _spec(num_features=m, chunk=4)
+  w = np.asarray(performer.projections(key, m, d, 1), np.float64)[0]
+  gen = np.random.default_rng(0)
+  q = gen.normal(size=(1, n, 1, d)) * 0.5
+  k = gen.normal(size=(1, n, 1, d)) * 0.5
+  v = gen.normal(size=(1, n, 1, d))
+  first = gen.normal(size=(8, d))
+  k[0, :8, 0] = 20 * d ** 0.25 * first / np.linalg.norm(first, axis=-1,
+                                                        keepdims=True)
+  k[0, 20, 0] = w[np.argmax(np.linalg.norm(w, axis=-1))] * d ** 0.25
+  expo = lambda x: (x * d ** -0.25) @ w.T - 0.5 * np.sum(
+      (x * d ** -0.25) ** 2, -1, keepdims=True)
+  eq, ek = expo(q[0, :, 0]), expo(k[0, :, 0])  # [n, m]
+  assert ek[:8].max() < -110 and ek[20].max() > 0  # the premise
+  # log of phi(q_i) . phi(k_j) up to a constant, then a causal softmax.
+  logits = np.log(np.exp(eq[:, None, :] + ek[None, :, :]
+                         - (eq.max() + ek.max(1)[None, :, None])).sum(-1))
+  logits += ek.max(1)[None, :]
+  logits = np.where(np.tril(np.ones((n, n), bool)), logits, -np.inf)
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  want = (p / p.sum(1, keepdims=True)) @ v[0, :, 0]
+  q32, k32, v32 = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
+  attend = lambda q, k, v: av.attend(q, k, v, spec, causal=True, rng=key)
+  out = _jit(attend)(q32, k32, v32)
+  np.testing.assert_allclose(np.asarray(out)[0, :, 0], want, atol=1e-4)
+  grads = _jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) ** 2),
+                        argnums=(0, 1, 2)))(q32, k32, v32)
+  assert all(np.isfinite(np.asarray(g)).all() for g in grads)
