@@ -34,23 +34,22 @@ Numerical stability (as the paper's code): exponents are shifted before exp
 by constants that cancel in the normalisation. For a query row the shift is
 c_i = max_r (w_r . q_i' - |q_i'|^2 / 2), its own largest exponent (so its
 largest feature is exactly 1/sqrt(m) and a row never underflows to all
-zeros); it multiplies row i's numerator and denominator alike by
-exp(-c_i). For keys the shift is one constant c_K for all the keys a row
-sees, never per key (that would reweight the keys): it multiplies every
-term of the row by exp(-c_K), which cancels too. Bidirectional: c_K is the
-largest exponent over all valid keys and all features, per (batch row, kv
-head). Causal: the keys are taken chunk by chunk, and chunk c's keys are
-shifted by the largest exponent of the valid keys up to the end of chunk
-c (a running maximum; the state of the earlier chunks is rescaled by
-exp(old - new) when it grows, as an online softmax rescales), so a row is
-never scaled down by keys more than a chunk ahead of it. (Before 2026-12-02
-one global c_K served causal rows too, scaling the first rows by every
-later key; MQAR training at width 64 then hit NaN gradients at step 550,
-as a first row's denominator underflowing to a float32 denormal would
-give.) A shift is 0 where there is no valid key. Shifts are stop_gradient
-(the output does not depend on them). Padded keys' exponents are masked
-before exp (their features are exactly 0, with no inf in the backward
-pass).
+zeros); it multiplies row i's numerator and denominator alike by exp(-c_i).
+For keys the shift is one constant c_K for all the keys a row sees, never
+per key (that would reweight the keys): it multiplies every term of the row
+by exp(-c_K), which cancels too. Bidirectional: c_K is the largest exponent
+over all valid keys and all features, per (batch row, kv head). Causal: the
+keys are taken chunk by chunk, and chunk c's keys are shifted by the
+largest exponent of the valid keys up to the end of chunk c (a running
+maximum; the state of the earlier chunks is rescaled by exp(old - new) when
+it grows, as an online softmax rescales), so a row is never scaled down by
+keys more than a chunk ahead of it: one global c_K scaled the first rows by
+every later key, and where the early keys' exponents lie ~100 below a later
+key's, their features underflowed to 0 and the rows came out as zeros
+(tested). A shift is 0 where there is no valid key. Shifts are
+stop_gradient (the output does not depend on them). Padded keys' exponents
+are masked before exp (their features are exactly 0, with no inf in the
+backward pass).
 
 Bidirectional: one sum over keys (S = sum_j phi(k_j) v_j^T [m, d], z =
 sum_j phi(k_j) [m]). Causal: prefix sums chunk by chunk, linear.py's
