@@ -80,23 +80,6 @@ def _normalise(num, den, keep):
   return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
 
 
-def _running_shift(top, kc, valid, k_top):
-  """The key shift after one more chunk: (new running top [b, kvh], factor
-  [b, kvh] that brings the state made under the old top to the new one,
-  shift [b, 1, kvh, 1] for this chunk's features). Without k_top (feature
-  maps with no exponent, linear's) nothing is shifted: factor 1, shift 0.
-
-  top is the largest log-feature of the valid keys so far (NEG_INF before
-  the first); the state was made with features exp(log-feature - top), so
-  exp(old top - new top) <= 1 rescales it (0 when there was none, 1 while
-  there is still none: never inf)."""
-  if k_top is None:
-    return top, jnp.ones_like(top), jnp.zeros_like(top)[:, None, :, None]
-  new = jnp.maximum(top, lax.stop_gradient(k_top(kc, valid)))
-  shift = jnp.where(new > 0.5 * masks.NEG_INF, new, 0.0)
-  return new, jnp.exp(top - new), shift[:, None, :, None]
-
-
 def _no_top(k):
   """[b, kvh] of NEG_INF: the running top before any key."""
   return jnp.full((k.shape[0], k.shape[2]), masks.NEG_INF, jnp.float32)
@@ -104,16 +87,18 @@ def _no_top(k):
 
 def _feature_size(k_map, k):
   b = k.shape[0]
-  return jax.eval_shape(k_map, k[:, :1], jnp.ones((b, 1, 1, 1), bool),
-                        jnp.zeros((b, 1, k.shape[2], 1))).shape[-1]
+  phik, _ = jax.eval_shape(k_map, k[:, :1], jnp.ones((b, 1, 1, 1), bool),
+                           _no_top(k))
+  return phik.shape[-1]
 
 
-def key_sums(k, v, kv_lengths, k_map, chunk: int, k_top=None):
+def key_sums(k, v, kv_lengths, k_map, chunk: int):
   """(S [b, kvh, f, e], z [b, kvh, f]): sum over the valid keys j of
   phi(k_j) v_j^T and of phi(k_j), computed `chunk` keys at a time so the
   features of one chunk exist at once (k [b, n_k, kvh, d], v float32).
-  With k_top the features are exp(log-feature - the largest log-feature of
-  all valid keys): a running maximum, the sums rescaled when it grows."""
+  The sums so far are rescaled by exp(old top - new top) when k_map's
+  running top grows (feature_attention), so all keys end up shifted by the
+  largest log-feature of all valid keys."""
   b, n_k, kvh, _ = k.shape
   chunk = min(chunk, max(n_k, 1))
   n = masks.ceil_div(max(n_k, 1), chunk) * chunk
@@ -123,8 +108,9 @@ def key_sums(k, v, kv_lengths, k_map, chunk: int, k_top=None):
     s, z, top = state
     kc, vc, start = xs
     valid = masks.block_valid(start, chunk, kv_lengths)[:, :, None, None]
-    top, factor, shift = _running_shift(top, kc, valid, k_top)
-    phik = k_map(kc, valid, shift)
+    phik, new = k_map(kc, valid, top)
+    factor = jnp.exp(top - new)
+    top = new
     return (s * factor[:, :, None, None]
             + jnp.einsum('bskf,bske->bkfe', phik, vc),
             z * factor[:, :, None] + jnp.sum(phik, axis=1), top), None
@@ -139,20 +125,21 @@ def key_sums(k, v, kv_lengths, k_map, chunk: int, k_top=None):
   return s, z
 
 
-def causal_sums(q, k, v, kv_lengths, q_map, k_map, chunk: int, k_top=None):
+def causal_sums(q, k, v, kv_lengths, q_map, k_map, chunk: int):
   """Prefix sums over j <= i, chunk by chunk; (num, den) for the n_q query
   rows: num_i = sum_{j<=i} (phi(q_i) . phi(k_j)) v_j, den_i = sum_{j<=i}
   phi(q_i) . phi(k_j).
 
   q [b, n_q, kvh, g, d] (grouped queries), k [b, n_k, kvh, d], v [b, n_k,
-  kvh, e] float32; q_map / k_map / k_top as in feature_attention, applied
+  kvh, e] float32; q_map / k_map as in feature_attention, applied
   one chunk at a time, so the features of one chunk exist at once, for any
   feature size f (linear's f = d, performer's f = m). A lax.scan over
   chunks of `chunk` positions carries the [f, e] state of all earlier
   chunks; inside a chunk the [chunk, chunk] kernel is used directly. With
-  k_top, chunk c's keys (and the state, rescaled) are shifted by the
-  largest log-feature of the valid keys up to the end of chunk c, so a row
-  is never scaled by keys more than a chunk ahead of it. The step is
+  an exponential k_map, chunk c's keys (and the state, rescaled) are
+  shifted by the largest log-feature of the valid keys up to the end of
+  chunk c, so a row is never scaled by keys more than a chunk ahead of it.
+  The step is
   rematerialised (jax.checkpoint), so the backward pass keeps one state
   per chunk: memory O((N / chunk) f e + N chunk).
   """
@@ -170,10 +157,11 @@ def causal_sums(q, k, v, kv_lengths, q_map, k_map, chunk: int, k_top=None):
     qc, kc, vc, start = xs
     phiq = q_map(qc)
     valid = masks.block_valid(start, chunk, kv_lengths)[:, :, None, None]
-    top, factor, shift = _running_shift(top, kc, valid, k_top)
+    phik, new = k_map(kc, valid, top)
+    factor = jnp.exp(top - new)
+    top = new
     s = s * factor[:, :, None, None]
     z = z * factor[:, :, None]
-    phik = k_map(kc, valid, shift)
     a = jnp.einsum('bqkgf,bskf->bkgqs', phiq, phik)
     a = jnp.where(lower, a, 0.0)
     num = (jnp.einsum('bkgqs,bske->bqkge', a, vc)
@@ -195,21 +183,23 @@ def causal_sums(q, k, v, kv_lengths, q_map, k_map, chunk: int, k_top=None):
 
 
 def feature_attention(q, k, v, *, q_map, k_map, causal, q_lengths,
-                      kv_lengths, chunk, dtype, k_top=None):
+                      kv_lengths, chunk, dtype):
   """Normalised kernel attention phi(q_i) . phi(k_j) over the visible keys.
 
   q [b, n_q, kvh, g, d] (queries grouped by kv head), k [b, n_k, kvh, d],
   v [b, n_k, kvh, e]; q_lengths/kv_lengths int32 [b]. The feature maps
   work on a chunk of rows: q_map(q rows [b, c, kvh, g, d]) -> [b, c, kvh,
-  g, f] and k_map(k rows [b, c, kvh, d], valid bool [b, c, 1, 1], shift
-  [b, 1, kvh, 1]) -> [b, c, kvh, f], non-negative float32, zero where not
-  valid (a map must mask before any exp, so padded keys give no inf in the
-  backward pass). Feature maps that are exponentials (performer's) give
-  k_top(k rows, valid) -> [b, kvh], the chunk's largest log-feature over
-  its valid keys (NEG_INF if none), and k_map then returns exp(log-feature
-  - shift): the keys a row sees are shifted by their running maximum
-  (key_sums, causal_sums), which cancels in the normalisation. Without
-  k_top the shift is 0 and ignored.
+  g, f], and k_map(k rows [b, c, kvh, d], valid bool [b, c, 1, 1], top
+  [b, kvh]) -> (features [b, c, kvh, f], new top [b, kvh]): non-negative
+  float32 features, zero where not valid (a map must mask before any exp,
+  so padded keys give no inf in the backward pass). `top` is a running key
+  shift threaded through the chunks (NEG_INF before the first). A map that
+  is an exponential (performer's) returns exp(log-feature - shift) with
+  shift its new top, the largest log-feature of the valid keys so far
+  (stop_gradient), and the sums made under the old top are rescaled by
+  exp(old top - new top) <= 1 (key_sums, causal_sums): the shift cancels
+  in the normalisation. A map that is not (linear's) returns top as given
+  (the factor is then exp(0) = 1).
   Features are made `chunk` rows at a time, causal and bidirectional
   alike, so no [N, f] feature array exists (performer's f = 256 features
   per head would be 4x the queries). Padded query rows and rows with no
@@ -220,13 +210,12 @@ def feature_attention(q, k, v, *, q_map, k_map, causal, q_lengths,
   e = v.shape[-1]
   vf = v.astype(jnp.float32)
   if causal:
-    num, den = causal_sums(q, k, vf, kv_lengths, q_map, k_map, chunk,
-                           k_top)
+    num, den = causal_sums(q, k, vf, kv_lengths, q_map, k_map, chunk)
     keep = (jnp.arange(n_q)[None, :] < q_lengths[:, None])[
         :, :, None, None, None]
     out = _normalise(num, den, keep)
   else:
-    s, z = key_sums(k, vf, kv_lengths, k_map, ROW_BLOCK, k_top)
+    s, z = key_sums(k, vf, kv_lengths, k_map, ROW_BLOCK)
     chunk = min(ROW_BLOCK, max(n_q, 1))
     n = masks.ceil_div(max(n_q, 1), chunk) * chunk
 
@@ -257,9 +246,9 @@ def feature_weights(phiq, phik, mask):
   return _normalise(a, jnp.sum(a, axis=-1, keepdims=True), True)
 
 
-def _key_map(kc, valid, shift):
-  del shift  # elu + 1 is not an exponential: nothing to shift
-  return jnp.where(valid, feature_map(kc), 0.0)
+def _key_map(kc, valid, top):
+  # elu + 1 is not an exponential: nothing to shift, top passes through.
+  return jnp.where(valid, feature_map(kc), 0.0), top
 
 
 def linear_attention(q, k, v, *, causal, q_lengths, kv_lengths, chunk):

@@ -191,38 +191,32 @@ def query_map(w):
   return phi
 
 
-def key_top(w):
-  """The largest exponent of a chunk of key rows [b, c, kvh, d] over its
-  valid positions (validity [b, c, 1, 1]) and all features -> [b, kvh]
-  (NEG_INF where none is valid): linear.feature_attention's k_top."""
-  def top(kc, valid):
-    ek = jnp.where(valid, exponents(kc, w), masks.NEG_INF)
-    return jnp.max(ek, axis=(1, 3))
-  return top
-
-
 def key_map(w):
   """phi(k) of a chunk of key rows [b, c, kvh, d] with validity [b, c, 1,
-  1] and shift [b, 1, kvh, 1] -> [b, c, kvh, m], float32; padded keys'
-  exponents are masked before exp, so their features are exactly 0."""
+  1], given the running top [b, kvh] -> (features [b, c, kvh, m] float32,
+  new top): the top grows to the chunk's largest exponent over its valid
+  keys and all features (stop_gradient), and the features are shifted by
+  it (0 while no key is valid); padded keys' exponents are masked before
+  exp, so their features are exactly 0 (linear.feature_attention's
+  k_map)."""
   norm = 1.0 / math.sqrt(w.shape[1])
 
-  def phi(kc, valid, shift):
+  def phi(kc, valid, top):
     ek = jnp.where(valid, exponents(kc, w), masks.NEG_INF)
-    return jnp.where(valid, jnp.exp(ek - shift), 0.0) * norm
+    top = jnp.maximum(top, jax.lax.stop_gradient(jnp.max(ek, axis=(1, 3))))
+    shift = jnp.where(top > 0.5 * masks.NEG_INF, top, 0.0)[:, None, :, None]
+    return jnp.where(valid, jnp.exp(ek - shift), 0.0) * norm, top
   return phi
 
 
 def _setup(q, k, v, params, rng, q_lengths, kv_lengths):
-  """(grouped q, phi(q) map, phi(k) map, key top, q lengths, kv
-  lengths)."""
+  """(grouped q, phi(q) map, phi(k) map, q lengths, kv lengths)."""
   check_params(params)
   kv_heads, _ = masks.check_inputs(q, k, v)
   ql, kl = masks.valid_lengths(q, k, q_lengths, kv_lengths)
   w = projections(feature_key(rng, params), params['num_features'],
                   q.shape[-1], kv_heads)
-  return (masks.group_queries(q, kv_heads), query_map(w), key_map(w),
-          key_top(w), ql, kl)
+  return masks.group_queries(q, kv_heads), query_map(w), key_map(w), ql, kl
 
 
 def weights(q, k, v, params, *, implementation='auto', causal=False,
@@ -230,16 +224,17 @@ def weights(q, k, v, params, *, implementation='auto', causal=False,
   """Dense float32 [b, h, q_len, kv_len]: the normalised random-feature
   kernel for the features attend draws with the same rng and params."""
   del implementation
-  gq, q_map, k_map, k_top, _, kl = _setup(q, k, v, params, rng, q_lengths,
-                                          kv_lengths)
+  gq, q_map, k_map, _, kl = _setup(q, k, v, params, rng, q_lengths,
+                                   kv_lengths)
   valid = (jnp.arange(k.shape[1])[None, :] < kl[:, None])[:, :, None, None]
-  # One shift for all keys (the largest exponent of all valid keys): the
-  # normalised matrix is the same for any shift common to a row's keys.
-  top = jax.lax.stop_gradient(k_top(k, valid))
-  shift = jnp.where(top > 0.5 * masks.NEG_INF, top, 0.0)[:, None, :, None]
+  # All keys as one chunk: one shift, the largest exponent of all valid
+  # keys (the normalised matrix is the same for any shift common to a
+  # row's keys).
+  phik, _ = k_map(k, valid, jnp.full((k.shape[0], k.shape[2]),
+                                     masks.NEG_INF, jnp.float32))
   mask = full.full_mask(q, k, causal=causal, q_lengths=q_lengths,
                         kv_lengths=kv_lengths)
-  return linear.feature_weights(q_map(gq), k_map(k, valid, shift), mask)
+  return linear.feature_weights(q_map(gq), phik, mask)
 
 
 def attend(q, k, v, params, *, implementation='auto', causal=False,
@@ -248,8 +243,8 @@ def attend(q, k, v, params, *, implementation='auto', causal=False,
     w = weights(q, k, v, params, causal=causal, q_lengths=q_lengths,
                 kv_lengths=kv_lengths, rng=rng)
     return full.probs_times_v(w, v, q.dtype)
-  gq, q_map, k_map, k_top, ql, kl = _setup(q, k, v, params, rng,
-                                           q_lengths, kv_lengths)
+  gq, q_map, k_map, ql, kl = _setup(q, k, v, params, rng, q_lengths,
+                                    kv_lengths)
   return linear.feature_attention(
-      gq, k, v, q_map=q_map, k_map=k_map, k_top=k_top, causal=causal,
-      q_lengths=ql, kv_lengths=kl, chunk=params['chunk'], dtype=q.dtype)
+      gq, k, v, q_map=q_map, k_map=k_map, causal=causal, q_lengths=ql,
+      kv_lengths=kl, chunk=params['chunk'], dtype=q.dtype)
