@@ -74,10 +74,31 @@ def feature_map(x):
   return jax.nn.elu(x.astype(jnp.float32)) + 1.0
 
 
+@jax.custom_jvp
+def _divide(num, den):
+  """num / den, differentiated as (dnum - out * dden) / den.
+
+  The default rule for x / y differentiates through y ** -2: with the
+  exponent shifts (performer) a row's denominator can be ~1e-20 while the
+  quotient is O(1), and 1e-20 ** 2 is below float32's normal range, so it
+  flushes to zero and the gradient becomes inf * 0 = NaN. Written with the
+  quotient, nothing smaller than den itself is formed.
+  """
+  return num / den
+
+
+@_divide.defjvp
+def _divide_jvp(primals, tangents):
+  num, den = primals
+  dnum, dden = tangents
+  out = num / den
+  return out, (dnum - out * dden) / den
+
+
 def _normalise(num, den, keep):
   """num / den where den > 0 and the row is kept, else zeros."""
   ok = (den > 0.0) & keep
-  return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+  return jnp.where(ok, _divide(num, jnp.where(ok, den, 1.0)), 0.0)
 
 
 def _no_top(k):

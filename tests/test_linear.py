@@ -123,3 +123,22 @@ def test_backward_memory_is_linear_in_length(causal):
   """Doubling N at most doubles forward + backward memory (N x N would 4x)."""
   n, heads, spec = 1024, 2, _spec(chunk=16)
   kit.assert_backward_memory_is_linear(spec, causal=causal, n=n, heads=heads)
+
+
+def test_tiny_denominator_has_a_finite_gradient():
+  """A row whose numerator and denominator are both ~1e-20 (performer's
+  exponent shifts make them) has an O(1) quotient; its gradient must be
+  the quotient rule's, not NaN from den ** 2 flushing to zero."""
+  num = jnp.array([[3e-20, 0.0], [1.0, 2.0]])
+  den = jnp.array([[6e-20], [4.0]])
+  pick = jnp.array([1.0, 0.0])
+  loss = lambda n, d: jnp.sum(linear._normalise(n, d, True) * pick)
+  g_num, g_den = jax.grad(loss, (0, 1))(num, den)
+  np.testing.assert_allclose(g_num, [[1 / 6e-20, 0.0], [0.25, 0.0]],
+                             rtol=1e-6)
+  np.testing.assert_allclose(g_den, [[-3e-20 / 6e-20**2], [-1 / 16]],
+                             rtol=1e-5)
+  # Rows that are not kept, or see no key, get zero output and gradient.
+  g_num, g_den = jax.grad(
+      lambda n, d: jnp.sum(linear._normalise(n, d, False)), (0, 1))(num, den)
+  assert not np.any(g_num) and not np.any(g_den)
