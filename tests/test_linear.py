@@ -138,7 +138,10 @@ def test_tiny_denominator_has_a_finite_gradient():
                              rtol=1e-6)
   np.testing.assert_allclose(g_den, [[-3e-20 / 6e-20**2], [-1 / 16]],
                              rtol=1e-5)
-  # Rows that are not kept, or see no key, get zero output and gradient.
-  g_num, g_den = jax.grad(
-      lambda n, d: jnp.sum(linear._normalise(n, d, False)), (0, 1))(num, den)
-  assert not np.any(g_num) and not np.any(g_den)
+  # Rows that are not kept, or see no key (den 0), get zero output and
+  # gradient.
+  for keep, d in ((False, den), (True, jnp.zeros_like(den))):
+    out = linear._normalise(num, d, keep)
+    g_num, g_den = jax.grad(
+        lambda n, d: jnp.sum(linear._normalise(n, d, keep)), (0, 1))(num, d)
+    assert not np.any(out) and not np.any(g_num) and not np.any(g_den)
