@@ -29,6 +29,8 @@ def base() -> ml_collections.ConfigDict:
       dropout=0.0,              # dropout on residual branches and embeddings
       pos_emb='learned',        # 'learned' | 'sinusoidal'
       pooling='cls',            # classification pooling: 'cls' | 'mean'
+      pair_norm='batch',        # match head: 'batch' (BatchNorm of the pooled
+                                # encodings) | 'none' (LRA's head)
       dtype='float32',          # activation dtype: 'float32' | 'bfloat16'
   ))
 

@@ -56,11 +56,21 @@ def _pairs(rng, n):
           'label': label}
 
 
-def test_match_head_computes_its_definition():
+@pytest.mark.parametrize('pair_norm', ['none', 'batch'])
+def test_match_head_computes_its_definition(pair_norm):
   """logits = MLP([a, b, a*b, a-b]) with a, b the documents' pooled
-  encodings from the one shared encoder, each run on its own."""
-  model = step.build_model(_model_cfg(pooling='mean'), {'kind': 'full'},
-                           _task('match', num_classes=3), seed=0)
+  encodings from the one shared encoder, each run on its own; with
+  pair_norm='batch', evaluation normalises them with the running
+  statistics."""
+  model = step.build_model(_model_cfg(pooling='mean', pair_norm=pair_norm),
+                           {'kind': 'full'}, _task('match', num_classes=3),
+                           seed=0)
+  h = model.head
+  if pair_norm == 'batch':   # statistics as after some training
+    h.norm.mean[...] = jnp.linspace(-1.0, 1.0, 16)
+    h.norm.var[...] = jnp.linspace(0.5, 2.0, 16)
+  else:
+    assert h.norm is None
   batch = jax.tree.map(jnp.asarray, _pairs(np.random.default_rng(0), 4))
   key = jax.random.key(0)
   logits = model(batch, attention_rng=key)
@@ -69,15 +79,70 @@ def test_match_head_computes_its_definition():
   def pooled(doc):
     x = model.encoder(batch['inputs'][:, doc], batch['length'][:, doc],
                       attention_rng=key)
-    return classify.pool(x, batch['length'][:, doc], 'mean')
+    x = classify.pool(x, batch['length'][:, doc], 'mean')
+    if pair_norm == 'batch':
+      x = ((x - h.norm.mean[...]) / jnp.sqrt(h.norm.var[...] + 1e-5)
+           * h.norm.scale[...] + h.norm.bias[...])
+    return x
   a, b = pooled(0), pooled(1)
-  h = model.head
   x = jnp.concatenate([a, b, a * b, a - b], -1)
   want = h.logits(jax.nn.relu(h.hidden2(jax.nn.relu(h.hidden1(x)))))
   np.testing.assert_allclose(logits, want, atol=1e-5)
   # Swapping the documents changes the features (a - b), so the logits.
   swapped = dict(batch, inputs=batch['inputs'][:, ::-1])
   assert not np.allclose(model(swapped, attention_rng=key), logits)
+  # Evaluation never looks at the rest of the batch.
+  first = jax.tree.map(lambda x: x[:1], batch)
+  np.testing.assert_allclose(model(first, attention_rng=key), logits[:1],
+                             atol=1e-5)
+
+
+def _pooled_mean(model, batch, key):
+  """The mean over the batch of the 2b pooled encodings, before the norm."""
+  inputs, lengths = batch['inputs'], batch['length']
+  b, _, n = inputs.shape
+  x = model.encoder(inputs.reshape(2 * b, n), lengths.reshape(2 * b),
+                    attention_rng=key)
+  return classify.pool(x, lengths.reshape(2 * b), 'mean').mean(0)
+
+
+@pytest.mark.parametrize('accum_steps', [1, 2])
+def test_match_pair_norm_trains_on_batch_statistics(accum_steps):
+  """Training normalises over the batch (each micro-batch in turn when
+  accumulating) and moves the running mean by momentum 0.9 per
+  (micro-)batch, in order."""
+  task = _task('match')
+  cfg = default.base().train
+  setup = step.build(_model_cfg(pooling='mean'), {'kind': 'full'}, task, cfg,
+                     seed=0)
+  batch = jax.tree.map(jnp.asarray, _pairs(np.random.default_rng(3), 8))
+  keys = step.train_keys(jax.random.key(0), 0)
+  model, _ = nnx.merge(setup.graphdef, setup.state)
+  want = jnp.zeros(16)
+  for mb in range(accum_steps):
+    part = jax.tree.map(lambda x: jnp.split(x, accum_steps)[mb], batch)
+    want = 0.9 * want + 0.1 * _pooled_mean(model, part, keys[0])
+  train_step = step.compile_train(setup, batch, keys, accum_steps=accum_steps)
+  state, _ = train_step(setup.state, batch, keys)
+  trained, _ = nnx.merge(setup.graphdef, state)
+  np.testing.assert_allclose(trained.head.norm.mean[...], want, atol=1e-5)
+  # Training mode: the 2b normalised encodings have mean 0 and variance 1
+  # (scale 1 and bias 0 after one step from their initial 1 and 0: Adam's
+  # first step moves each by at most the learning rate).
+  a, b = trained.head.encode_pair(trained.encoder, batch,
+                                  attention_rng=keys[0], dropout_rng=keys[1])
+  both = jnp.concatenate([a, b])
+  norm = trained.head.norm
+  both = (both - norm.bias[...]) / norm.scale[...]
+  np.testing.assert_allclose(both.mean(0), 0, atol=1e-4)
+  np.testing.assert_allclose(both.var(0), 1, atol=2e-3)
+
+
+def test_unknown_pair_norm_is_refused():
+  with pytest.raises(ValueError, match="model.pair_norm='layer'; valid: "
+                     'batch, none'):
+    step.build_model(_model_cfg(pair_norm='layer'), {'kind': 'full'},
+                     _task('match'), seed=0)
 
 
 def test_match_head_learns_whether_two_documents_match():

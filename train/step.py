@@ -121,30 +121,35 @@ def make_train_step(graphdef, accum_steps: int = 1):
 
 
 def _accumulated_grads(model, batch, accum_steps, attention_key, dropout_key):
-  """(mean loss, its gradient) over the batch, one micro-batch at a time."""
+  """(mean loss, its gradient) over the batch, one micro-batch at a time.
+
+  State that is not a parameter (the match head's batch statistics) is
+  threaded through the micro-batches in order and written back to `model`.
+  """
   model_def, params, rest = nnx.split(model, nnx.Param, ...)
   micro = jax.tree.map(
       lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps,
                           *x.shape[1:]), batch)
 
-  def sums(params, mb, key):
-    m = nnx.merge(model_def, params, rest)
+  def sums(params, rest, mb, key):
+    m = nnx.merge(model_def, params, rest, copy=True)
     outputs = m(mb, attention_rng=attention_key, dropout_rng=key)
     loss, weight = m.head.loss(outputs, mb)
-    return loss.sum(), weight.sum()
+    return loss.sum(), (weight.sum(), nnx.split(m, nnx.Param, ...)[2])
 
   def body(carry, xs):
-    grads, loss_sum, weight_sum = carry
+    grads, loss_sum, weight_sum, rest = carry
     mb, i = xs
-    (l, w), g = jax.value_and_grad(sums, has_aux=True)(
-        params, mb, jax.random.fold_in(dropout_key, i))
+    (l, (w, rest)), g = jax.value_and_grad(sums, has_aux=True)(
+        params, rest, mb, jax.random.fold_in(dropout_key, i))
     return (jax.tree.map(jnp.add, grads, g), loss_sum + l,
-            weight_sum + w), None
+            weight_sum + w, rest), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  (grads, loss_sum, weight_sum), _ = jax.lax.scan(
-      body, (zeros, jnp.float32(0), jnp.float32(0)),
+  (grads, loss_sum, weight_sum, rest), _ = jax.lax.scan(
+      body, (zeros, jnp.float32(0), jnp.float32(0), rest),
       (micro, jnp.arange(accum_steps)))
+  nnx.update(model, rest)
   norm = jnp.maximum(weight_sum, 1.0)
   return loss_sum / norm, jax.tree.map(lambda g: g / norm, grads)
 

@@ -8,7 +8,9 @@ head's name:
       num_classes and seq_len; model_cfg the widths and `pooling`)
   head(encoder, batch, *, attention_rng, dropout_rng=None) -> outputs
       runs the encoder (encoder(inputs [b, n], lengths [b], ...) -> [b, n,
-      dim]) on the batch's documents and maps the result to outputs (logits)
+      dim]) on the batch's documents and maps the result to outputs
+      (logits); a dropout_rng is given when training and None when
+      evaluating (dropout, and the match head's batch statistics)
   head.loss(outputs, batch) -> (loss [b], weight [b])
       per-example summed loss and its weight; a step minimises
       sum(loss) / sum(weight)
