@@ -1,12 +1,25 @@
 """Shared fixtures: one offline data dir per test session, small configs,
 and small files standing in for Debian's Fashion-MNIST and WordNet."""
+import atexit
 import gzip
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
+# One persistent XLA compilation cache for the session, shared with the
+# main.py subprocesses the tests launch (they inherit the environment):
+# many tests compile the same smoke models, and on 2 cores compiling is most
+# of their time. It lives and dies with the session, so no test ever sees
+# an executable from another checkout.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _cache = tempfile.mkdtemp(prefix='jax-test-cache-')
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.1')
 
 
 def write_idx(path, array):
