@@ -54,43 +54,16 @@ def _expected_mask(pattern, q_lengths, kv_lengths, causal):
 
 
 def _strided_pattern(n_q, n_k, l):
-  p = np.zeros((n_q, n_k), bool)
-  for i in range(n_q):
-    for j in range(n_k):
-      p[i, j] = abs(i - j) <= l or (i - j) % l == 0
-  return np.broadcast_to(p, (HEADS, n_q, n_k))
+  return kit.strided_pattern(n_q, n_k, l, heads=HEADS)
 
 
 def _fixed_pattern(n_q, n_k, l, c):
-  p = np.zeros((n_q, n_k), bool)
-  for i in range(n_q):
-    for j in range(n_k):
-      p[i, j] = j // l == i // l or j % l >= l - c
-  return np.broadcast_to(p, (HEADS, n_q, n_k))
+  return kit.fixed_pattern(n_q, n_k, l, c, heads=HEADS)
 
 
 def _bigbird_pattern(n_q, n_k, b, num_global, num_random, seed):
-  """Blocks: global rows/columns, window |m - a| <= 1, the drawn randoms."""
-  n_blocks = -(-max(n_q, n_k) // b)
-  front = min(-(-num_global // 2), n_blocks)
-  back = min(num_global // 2, n_blocks - front)
-  is_global = [a < front or a >= n_blocks - back for a in range(n_blocks)]
-  ids, valid = bigbird.random_blocks(seed, HEADS, n_blocks, num_global,
-                                    num_random)
-  seen = np.zeros((HEADS, n_blocks, n_blocks), bool)
-  for h in range(HEADS):
-    for a in range(n_blocks):
-      for m in range(n_blocks):
-        seen[h, a, m] = is_global[a] or is_global[m] or abs(a - m) <= 1
-      if not is_global[a]:
-        for slot in range(num_random):
-          if valid[h, a - front, slot]:
-            seen[h, a, ids[h, a - front, slot]] = True
-  p = np.zeros((HEADS, n_q, n_k), bool)
-  for i in range(n_q):
-    for j in range(n_k):
-      p[:, i, j] = seen[:, i // b, j // b]
-  return p
+  return kit.bigbird_pattern(n_q, n_k, b, num_global, num_random, seed,
+                             heads=HEADS)
 
 
 def _with_grads(fn):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import attention_variants as av
+from attention_variants import bigbird
 
 # Dense softmax attention with a float32 softmax: what every variant equals
 # in its limit.
@@ -186,3 +187,48 @@ def assert_bad_params_raise(spec, match: str) -> None:
   q, k, v, _, _ = padded_inputs(5, 5)
   with pytest.raises(ValueError, match=match):
     av.attend(q, k, v, spec, learned={} if owns else None)
+
+
+# Patterns rebuilt with plain loops from the definitions in the docstrings of
+# attention_variants/sparse.py and bigbird.py ([heads, n_q, n_k] bool).
+
+def strided_pattern(n_q, n_k, l, *, heads):
+  """sparse strided (docstring): |i - j| <= l or (i - j) % l == 0."""
+  p = np.zeros((n_q, n_k), bool)
+  for i in range(n_q):
+    for j in range(n_k):
+      p[i, j] = abs(i - j) <= l or (i - j) % l == 0
+  return np.broadcast_to(p, (heads, n_q, n_k))
+
+
+def fixed_pattern(n_q, n_k, l, c, *, heads):
+  """sparse fixed (docstring): same block of l, or j % l >= l - c."""
+  p = np.zeros((n_q, n_k), bool)
+  for i in range(n_q):
+    for j in range(n_k):
+      p[i, j] = j // l == i // l or j % l >= l - c
+  return np.broadcast_to(p, (heads, n_q, n_k))
+
+
+def bigbird_pattern(n_q, n_k, b, num_global, num_random, seed, *, heads):
+  """Blocks: global rows/columns, window |m - a| <= 1, the drawn randoms."""
+  n_blocks = -(-max(n_q, n_k) // b)
+  front = min(-(-num_global // 2), n_blocks)
+  back = min(num_global // 2, n_blocks - front)
+  is_global = [a < front or a >= n_blocks - back for a in range(n_blocks)]
+  ids, valid = bigbird.random_blocks(seed, heads, n_blocks, num_global,
+                                    num_random)
+  seen = np.zeros((heads, n_blocks, n_blocks), bool)
+  for h in range(heads):
+    for a in range(n_blocks):
+      for m in range(n_blocks):
+        seen[h, a, m] = is_global[a] or is_global[m] or abs(a - m) <= 1
+      if not is_global[a]:
+        for slot in range(num_random):
+          if valid[h, a - front, slot]:
+            seen[h, a, ids[h, a - front, slot]] = True
+  p = np.zeros((heads, n_q, n_k), bool)
+  for i in range(n_q):
+    for j in range(n_k):
+      p[:, i, j] = seen[:, i // b, j // b]
+  return p
