@@ -16,6 +16,10 @@ Modes (--mode):
             class, logistic regression on the raw tokens, on their
             histogram and on their trigrams):
             --config=configs/<task>.py:<preset>.
+  visualize attention heatmaps of a run's best checkpoint, with where each
+            head looks (RUN/maps): --mode=visualize --workdir=RUN, and
+            optionally --config=configs/visualize.py --config.examples=0,3
+            (the run's own config builds the model).
 
 Exit status: 0 done (or stopped by --max_steps_this_run); 1 an error the
 user can fix, printed as one line starting with 'error:'; 143 (128 +
@@ -28,7 +32,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ('train', 'evaluate', 'benchmark', 'compare', 'baselines')
+MODES = ('train', 'evaluate', 'benchmark', 'compare', 'baselines',
+         'visualize')
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and preset, e.g. configs/listops.py:cpu; '
@@ -67,6 +72,12 @@ def run(mode, config, workdir):
   elif mode == 'baselines':
     from evaluate import baselines
     baselines.run(config, workdir)
+  elif mode == 'visualize':
+    from evaluate import visualize
+    if config is None:
+      from configs import visualize as visualize_config
+      config = visualize_config.get_config()
+    visualize.run(config, workdir)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -100,7 +111,7 @@ def main(argv):
   if len(argv) > 1:
     fail(f'unexpected argument(s) {" ".join(argv[1:])!r}: every setting is a '
          'flag (--config=..., --workdir=..., --config.<field>=...)')
-  if _CONFIG.value is None and _MODE.value != 'evaluate':
+  if _CONFIG.value is None and _MODE.value not in ('evaluate', 'visualize'):
     fail('--config is required, e.g. --config=configs/listops.py:cpu')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if _KEEP_FREED_MEMORY.value:

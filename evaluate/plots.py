@@ -61,7 +61,8 @@ def colors(kinds) -> dict:
   return {kind: f'C{i % 10}' for i, kind in enumerate(kinds)}
 
 
-def _save(fig: Figure, path: str) -> None:
+def save_png(fig: Figure, path: str) -> None:
+  """Writes fig as a PNG at path, atomically."""
   FigureCanvasAgg(fig)
   with writer_lib.atomic_path(path) as tmp:
     fig.savefig(tmp, format='png', dpi=120, bbox_inches='tight')
@@ -93,7 +94,7 @@ def accuracy_speed(accuracy: dict, efficiency: dict, path: str,
   ax.set_title('accuracy vs speed (marker area: peak memory)')
   ax.grid(alpha=0.3)
   ax.margins(0.25)  # room for the labels and the largest markers
-  _save(fig, path)
+  save_png(fig, path)
   return True
 
 
@@ -136,7 +137,7 @@ def scaling(efficiency: dict, path: str) -> bool:
     ax.set_ylabel(label)
     ax.grid(alpha=0.3, which='both')
   time_ax.legend(fontsize=8)
-  _save(fig, path)
+  save_png(fig, path)
   return True
 
 

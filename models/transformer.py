@@ -70,13 +70,24 @@ class Attention(nnx.Module):
     v = self.value(x).reshape(b, n, self.num_kv_heads, self.head_dim)
     return q, k, v
 
+  def _learned(self):
+    return (None if self.learned is None else
+            {name: p[...] for name, p in self.learned.items()})
+
   def __call__(self, x, lengths, *, causal, attention_rng):
     q, k, v = self._qkv(x)
-    learned = (None if self.learned is None else
-               {name: p[...] for name, p in self.learned.items()})
     y = av.attend(q, k, v, self.spec, causal=causal, q_lengths=lengths,
-                  kv_lengths=lengths, rng=attention_rng, learned=learned)
+                  kv_lengths=lengths, rng=attention_rng,
+                  learned=self._learned())
     return self.out(y.reshape(x.shape[0], x.shape[1], -1))
+
+  def weights(self, x, lengths, *, causal, attention_rng):
+    """The dense float32 probabilities [b, heads, n, n] that __call__ on the
+    same arguments uses (av.attention_weights of its q, k, v)."""
+    q, k, v = self._qkv(x)
+    return av.attention_weights(q, k, v, self.spec, causal=causal,
+                                q_lengths=lengths, kv_lengths=lengths,
+                                rng=attention_rng, learned=self._learned())
 
 
 class Block(nnx.Module):
@@ -164,16 +175,33 @@ class Encoder(nnx.Module):
                             for i in range(cfg.num_layers)])
     self.ln = nnx.LayerNorm(cfg.dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, inputs, lengths, *, attention_rng, dropout_rng=None):
+  def _embed(self, inputs):
     n = inputs.shape[1]
-    x = self.embed(inputs) + self.pos[...][:n].astype(self.embed.dtype)
+    return self.embed(inputs) + self.pos[...][:n].astype(self.embed.dtype)
+
+  def __call__(self, inputs, lengths, *, attention_rng, dropout_rng=None):
     rngs = _split(dropout_rng, len(self.blocks) + 1)
-    x = dropout(x, self.rate, rngs[-1])
+    x = dropout(self._embed(inputs), self.rate, rngs[-1])
     for i, block in enumerate(self.blocks):
       x = block(x, lengths, causal=self.causal,
                 attention_rng=jax.random.fold_in(attention_rng, i),
                 dropout_rng=rngs[i])
     return self.ln(x)
+
+  def attention_maps(self, inputs, lengths, *, attention_rng):
+    """[layers] of the dense float32 attention probabilities [b, heads, n,
+    n] that the evaluation forward pass (no dropout_rng) uses: layer i's
+    are av.attention_weights of the q, k, v its block computes, with the
+    key it is given. O(N^2) per layer: for pictures of short sequences."""
+    x = self._embed(inputs)
+    maps = []
+    for i, block in enumerate(self.blocks):
+      key = jax.random.fold_in(attention_rng, i)
+      maps.append(block.attn.weights(block.ln1(x), lengths,
+                                     causal=self.causal, attention_rng=key))
+      x = block(x, lengths, causal=self.causal, attention_rng=key,
+                dropout_rng=None)
+    return maps
 
 
 class Model(nnx.Module):

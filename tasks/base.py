@@ -29,6 +29,9 @@ class Task:
   causal: bool           # whether attention must be causal for this task
   sources: Callable[[str], Sequence[dict[str, Any]]]  # split -> examples
   cls_token: bool = False  # whether position 0 of every input is a CLS token
+  # token id -> a short label for pictures (--mode=visualize); None when the
+  # tokens are not worth reading one by one (pixels)
+  token_name: Callable[[int], str] | None = None
 
   def source(self, split: str):
     if split not in SPLITS:

@@ -72,13 +72,18 @@ def config_name(task_config) -> str:
   return builders.config_name(c, f'w{c.word_length}', f's{c.num_symbols}')
 
 
+def token_name(i: int) -> str:
+  """'' for padding, 'S' for the separator, else the symbol's number."""
+  return ('', 'S')[i] if i < FIRST_SYMBOL else str(i - FIRST_SYMBOL)
+
+
 def make(task_config, data_dir: str) -> base.Task:
   check(task_config)
   seq_len = 2 * int(task_config.word_length) + 2
   vocab = vocab_size(int(task_config.num_symbols))
   return base.Task(
       name='copy', vocab_size=vocab, seq_len=seq_len, num_classes=vocab,
-      head='per_position', causal=True,
+      head='per_position', causal=True, token_name=token_name,
       sources=builders.sources(
           Copy, config_name(task_config), params(task_config), data_dir,
           builders.next_token_preprocess(seq_len)))

@@ -214,12 +214,17 @@ def config_name(task_config) -> str:
                               f'd{c.max_depth}', f'a{c.max_args}')
 
 
+def token_name(i: int) -> str:
+  """'' for padding, 'CLS', else the symbol."""
+  return ('', 'CLS')[i] if i < _FIRST_SYMBOL else SYMBOLS[i - _FIRST_SYMBOL]
+
+
 def make(task_config, data_dir: str) -> base.Task:
   check(task_config)
   seq_len = int(task_config.max_length)  # CLS + at most max_length - 1 symbols
   return base.Task(
       name='listops', vocab_size=VOCAB_SIZE, seq_len=seq_len,
       num_classes=NUM_CLASSES, head='classify', causal=False, cls_token=True,
-      sources=builders.sources(
+      token_name=token_name, sources=builders.sources(
           Listops, config_name(task_config), params(task_config), data_dir,
           builders.classify_preprocess(seq_len, prefix=(CLS,))))

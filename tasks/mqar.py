@@ -123,13 +123,19 @@ def config_name(task_config) -> str:
                               f'v{c.vocab_size}')
 
 
+def token_namer(vocab_size: int):
+  """id -> 'k<id>' for a key, 'v<id>' for a value, '.' for filler 0."""
+  low = value_range(vocab_size)[0]
+  return lambda i: '.' if i == 0 else (f'k{i}' if i < low else f'v{i}')
+
+
 def make(task_config, data_dir: str) -> base.Task:
   check(task_config)
   seq_len = int(task_config.seq_len)
   return base.Task(
       name='mqar', vocab_size=int(task_config.vocab_size), seq_len=seq_len,
       num_classes=int(task_config.vocab_size), head='per_position',
-      causal=True,
+      causal=True, token_name=token_namer(int(task_config.vocab_size)),
       sources=builders.sources(
           Mqar, config_name(task_config), params(task_config), data_dir,
           builders.next_token_preprocess(seq_len)))

@@ -170,6 +170,6 @@ def make(task_config, data_dir: str) -> base.Task:
   return base.Task(
       name=task_config.name, vocab_size=text.VOCAB_SIZE, seq_len=seq_len,
       num_classes=NUM_CLASSES, head='match', causal=False, cls_token=True,
-      sources=builders.sources(builder_cls, name, params, data_dir,
+      token_name=text.token_name, sources=builders.sources(builder_cls, name, params, data_dir,
                                functools.partial(pair_example,
                                                  seq_len=seq_len)))

@@ -39,6 +39,19 @@ BYTE_OFFSET = 1                    # token id of byte b is b + 1; 0 pads
 CLS_ID = 256 + BYTE_OFFSET         # 257
 VOCAB_SIZE = CLS_ID + 1            # 258: padding, 256 bytes, CLS
 DATASETS = ('wordnet', 'imdb_reviews')
+
+
+def token_name(i: int) -> str:
+  """'CLS', '' for padding, the byte's character when printable ASCII
+  ('␣' for a space), else its hex escape."""
+  if i == CLS_ID:
+    return 'CLS'
+  if i < BYTE_OFFSET:
+    return ''
+  b = i - BYTE_OFFSET
+  if b == 32:
+    return '\u2423'
+  return chr(b) if 33 <= b < 127 else f'\\x{b:02x}'
 IMDB = 'imdb_reviews/plain_text'
 IMDB_CLASSES = ('neg', 'pos')
 
@@ -200,4 +213,4 @@ def make(task_config, data_dir: str) -> base.Task:
   return base.Task(
       name=task_config.name, vocab_size=VOCAB_SIZE, seq_len=seq_len,
       num_classes=num_classes, head='classify', causal=False,
-      cls_token=True, sources=sources)
+      cls_token=True, sources=sources, token_name=token_name)

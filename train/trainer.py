@@ -468,20 +468,26 @@ def train_and_evaluate(config, workdir: str, *,
   return Trainer(config, workdir).run(max_steps_this_run)
 
 
-def evaluate_run(workdir: str) -> dict:
-  """Re-evaluates a finished run's best checkpoint on test; rewrites results.json.
-
-  The config comes from the run's config.json; training figures (steps,
-  steps/s, wall time) from the run's latest checkpoint.
-  """
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config.json of the training run in `workdir`; ValueError (one
+  line) when there is none."""
   if not workdir:
     raise ValueError('--workdir is required: the directory of a training run')
   config_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(config_path):
     raise ValueError(f'--workdir={workdir} has no config.json: give the '
                      'directory of a training run')
-  config = ml_collections.ConfigDict(writer_lib.read_json_object(
+  return ml_collections.ConfigDict(writer_lib.read_json_object(
       config_path, 'the config of the run in this workdir'))
+
+
+def evaluate_run(workdir: str) -> dict:
+  """Re-evaluates a finished run's best checkpoint on test; rewrites results.json.
+
+  The config comes from the run's config.json; training figures (steps,
+  steps/s, wall time) from the run's latest checkpoint.
+  """
+  config = run_config(workdir)
   results_path = os.path.join(workdir, 'results.json')
   if os.path.exists(results_path):
     writer_lib.read_json_object(results_path, "this run's results")
