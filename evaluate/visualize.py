@@ -190,11 +190,17 @@ def _axes_labels(ax, labels, cells, label_below, fontsize):
     ax.tick_params(labelsize=6)
 
 
+def _extent(cells: int, b: int):
+  """imshow extent putting token positions on the axes of a map of
+  `cells` tiles of b tokens (None: one cell per token, labelled by index)."""
+  return None if b == 1 else (0, cells * b, cells * b, 0)
+
+
 def _panel_inches(cells, labelled):
   return max(2.5, 0.14 * cells) if labelled else 3.0
 
 
-def draw_heads(maps, layers, heads, labels, title, path, cfg):
+def draw_heads(maps, layers, heads, labels, title, path, cfg, b=1):
   """maps [layers drawn, heads drawn, m, m] as a grid with one colour bar."""
   rows, cols, m = maps.shape[0], maps.shape[1], maps.shape[-1]
   labelled = labels is not None and m <= cfg.label_below
@@ -207,7 +213,7 @@ def draw_heads(maps, layers, heads, labels, title, path, cfg):
     for c, head in enumerate(heads):
       ax = axes[r][c]
       image = ax.imshow(maps[r, c], cmap='viridis', norm=norm,
-                        interpolation='nearest')
+                        interpolation='nearest', extent=_extent(m, b))
       ax.set_title(f'layer {layer}, head {head}', fontsize=8)
       _axes_labels(ax, labels, m, cfg.label_below, 5)
   fig.colorbar(image, ax=axes, shrink=0.8,
@@ -216,7 +222,8 @@ def draw_heads(maps, layers, heads, labels, title, path, cfg):
   plots.save_png(fig, path)
 
 
-def draw_layers(means, layers, labels, strip, strip_note, title, path, cfg):
+def draw_layers(means, layers, labels, strip, strip_note, title, path, cfg,
+                b=1):
   """The head-averaged map of each layer drawn, and the importance strip."""
   cols, m = means.shape[0], means.shape[-1]
   labelled = labels is not None and m <= cfg.label_below
@@ -229,15 +236,22 @@ def draw_layers(means, layers, labels, strip, strip_note, title, path, cfg):
   norm = _norm(means, cfg.log_scale)
   axes = [fig.add_subplot(grid[0, c]) for c in range(cols)]
   for ax, layer, mean in zip(axes, layers, means):
-    image = ax.imshow(mean, cmap='viridis', norm=norm, interpolation='nearest')
+    image = ax.imshow(mean, cmap='viridis', norm=norm, interpolation='nearest',
+                      extent=_extent(m, b))
     ax.set_title(f'layer {layer}, mean over heads', fontsize=8)
     _axes_labels(ax, labels, m, cfg.label_below, 5)
   fig.colorbar(image, ax=axes, shrink=0.8,
                label='probability' + (' (log scale)' if cfg.log_scale else ''))
   if strip is not None:
     ax = fig.add_subplot(grid[1, :])
-    ax.bar(np.arange(strip.size), strip, width=1.0, color='C1')
-    ax.set_xlim(-0.5, strip.size - 0.5)
+    if b == 1:
+      ax.bar(np.arange(strip.size), strip, width=1.0, color='C1')
+      ax.set_xlim(-0.5, strip.size - 0.5)
+    else:                   # one bar per b-token span, at token positions
+      ax.bar(b * np.arange(strip.size), strip, width=b, align='edge',
+             color='C1')
+      ax.set_xlim(0, b * strip.size)
+      ax.set_xlabel('token', fontsize=7)
     ax.set_ylabel('importance', fontsize=8)
     ax.set_title(strip_note, fontsize=8)
     if labels is not None and strip.size <= cfg.label_below:
@@ -362,9 +376,9 @@ def _run(cfg, config, workdir, trainer):
           strip_note += f'; mean over {b}-token spans'
         arrays[f'{name}_importance'] = strip
       draw_heads(drawn, layers, heads, labels, title,
-                 os.path.join(out_dir, f'{name}_heads.png'), cfg)
+                 os.path.join(out_dir, f'{name}_heads.png'), cfg, b)
       draw_layers(means, layers, labels, strip, strip_note, title,
-                  os.path.join(out_dir, f'{name}_layers.png'), cfg)
+                  os.path.join(out_dir, f'{name}_layers.png'), cfg, b)
       arrays[f'{name}_heads'] = drawn
       arrays[f'{name}_layers'] = means
       entry = {'name': name, 'index': index, 'length': length, 'tile': b,
@@ -401,7 +415,7 @@ def _sweep_runs(sweep_dir: str, seed: int) -> dict[str, dict[str, str]]:
   return found
 
 
-def draw_sweep(maps, seen, kinds, notes, title, path, cfg):
+def draw_sweep(maps, seen, kinds, notes, title, path, cfg, b=1):
   """One column per kind: its head-averaged map above its visibility."""
   cols = len(kinds)
   fig = Figure(figsize=(2.6 * cols + 1.4, 6.0), layout='constrained')
@@ -409,11 +423,12 @@ def draw_sweep(maps, seen, kinds, notes, title, path, cfg):
   norm = _norm(np.stack(maps), cfg.log_scale)
   for c, kind in enumerate(kinds):
     top, bottom = axes[0][c], axes[1][c]
+    cells = maps[c].shape[-1]
     image = top.imshow(maps[c], cmap='viridis', norm=norm,
-                       interpolation='nearest')
+                       interpolation='nearest', extent=_extent(cells, b))
     top.set_title(f'{kind}\n{notes[c]}', fontsize=8)
     shown = bottom.imshow(seen[c], cmap='Greys', vmin=0.0, vmax=1.0,
-                          interpolation='nearest')
+                          interpolation='nearest', extent=_extent(cells, b))
     bottom.set_title(f'{kind}: keys it can see', fontsize=8)
     for ax in (top, bottom):
       ax.set_xlabel('key', fontsize=7)
@@ -487,7 +502,8 @@ def sweep(cfg, sweep_dir: str) -> dict:
     title = (f'{task_name}: {cfg.split} example {index} ({length} tokens'
              f'{pooled_note}), layer {layer}, seed {cfg.seed}')
     draw_sweep(maps, seen, list(kinds), notes, title,
-               os.path.join(out_dir, f'{task_name}_example{index}.png'), cfg)
+               os.path.join(out_dir, f'{task_name}_example{index}.png'), cfg,
+               b)
   with writer_lib.atomic_path(os.path.join(out_dir, 'maps.npz')) as tmp:
     with open(tmp, 'wb') as f:
       np.savez_compressed(f, **arrays)
