@@ -159,10 +159,10 @@ def visibility(attention: dict, n: int, causal: bool, *, heads: int,
   lengths = jnp.asarray([n if length is None else length])
   learned = av.init_learned(attention, jax.random.key(seed), num_heads=heads,
                             num_kv_heads=heads, head_dim=head_dim, max_len=n)
-  w = av.attention_weights(q, k, v, attention, causal=causal,
-                           q_lengths=lengths, kv_lengths=lengths,
-                           rng=jax.random.key(seed), learned=learned or None)
-  return np.asarray(w[0]) != 0
+  weights = jax.jit(lambda q, k, v, lengths, learned: av.attention_weights(
+      q, k, v, attention, causal=causal, q_lengths=lengths,
+      kv_lengths=lengths, rng=jax.random.key(seed), learned=learned or None))
+  return np.asarray(weights(q, k, v, lengths, learned)[0]) != 0
 
 
 def _labels(task, tokens) -> list[str] | None:

@@ -73,12 +73,14 @@ def test_match_head_computes_its_definition(pair_norm):
     assert h.norm is None
   batch = jax.tree.map(jnp.asarray, _pairs(np.random.default_rng(0), 4))
   key = jax.random.key(0)
-  logits = model(batch, attention_rng=key)
+  run = nnx.jit(lambda model, batch: model(batch, attention_rng=key))
+  encode = nnx.jit(lambda model, inputs, lengths: model.encoder(
+      inputs, lengths, attention_rng=key))
+  logits = run(model, batch)
   assert logits.shape == (4, 3) and logits.dtype == jnp.float32
 
   def pooled(doc):
-    x = model.encoder(batch['inputs'][:, doc], batch['length'][:, doc],
-                      attention_rng=key)
+    x = encode(model, batch['inputs'][:, doc], batch['length'][:, doc])
     x = classify.pool(x, batch['length'][:, doc], 'mean')
     if pair_norm == 'batch':
       x = ((x - h.norm.mean[...]) / jnp.sqrt(h.norm.var[...] + 1e-5)
@@ -90,11 +92,10 @@ def test_match_head_computes_its_definition(pair_norm):
   np.testing.assert_allclose(logits, want, atol=1e-5)
   # Swapping the documents changes the features (a - b), so the logits.
   swapped = dict(batch, inputs=batch['inputs'][:, ::-1])
-  assert not np.allclose(model(swapped, attention_rng=key), logits)
+  assert not np.allclose(run(model, swapped), logits)
   # Evaluation never looks at the rest of the batch.
   first = jax.tree.map(lambda x: x[:1], batch)
-  np.testing.assert_allclose(model(first, attention_rng=key), logits[:1],
-                             atol=1e-5)
+  np.testing.assert_allclose(run(model, first), logits[:1], atol=1e-5)
 
 
 def _pooled_mean(model, batch, key):
