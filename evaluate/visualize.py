@@ -342,13 +342,12 @@ def _run(cfg, config, workdir, trainer):
     raise ValueError('--config.examples is empty: give example indices, '
                      'e.g. 0,1')
   model, best_step = _best_model(trainer, workdir)
-  meta = {'best_step': best_step}
   out_dir = cfg.out_dir or os.path.join(workdir, 'maps')
   trainer_lib.prepare_dir(out_dir, '--config.out_dir')
   kind = config.attention.kind
   classify_like = task.head in ('classify', 'match')
   record = {'run': workdir, 'kind': kind, 'task': task.name,
-            'split': cfg.split, 'best_step': meta['best_step'],
+            'split': cfg.split, 'best_step': best_step,
             'layers': layers, 'heads': heads, 'examples': []}
   arrays, looks = {}, []
   for index in examples:
@@ -366,7 +365,7 @@ def _run(cfg, config, workdir, trainer):
       pooled_note = (f'; means over {b} x {b} token tiles' if b > 1 else '')
       title = (f'{kind} on {task.name}, {cfg.split} example {index}'
                f'{_describe(suffix)}'
-               f' ({length} tokens{pooled_note}), step {meta["best_step"]}')
+               f' ({length} tokens{pooled_note}), step {best_step}')
       strip, strip_note = None, ''
       if classify_like:
         # The rollout uses every layer and head, whatever is drawn.
