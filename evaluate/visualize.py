@@ -320,12 +320,24 @@ def _best_model(trainer, workdir):
   return model, meta['best_step']
 
 
-def _layer_maps(model, trainer, tokens, length) -> np.ndarray:
-  """[layers, heads, length, length] maps of one document."""
+def _maps_fn(model, trainer):
+  """document (tokens [n], length) -> its maps [layers, heads, length,
+  length]; compiled once for all the documents of a run."""
   maps = jax.jit(lambda t, l: model.encoder.attention_maps(
-      t, l, attention_rng=trainer.eval_key))(
-          jnp.asarray(tokens[None]), jnp.asarray([length]))
-  return np.stack([np.asarray(m[0])[:, :length, :length] for m in maps])
+      t, l, attention_rng=trainer.eval_key))
+
+  def document(tokens, length):
+    out = maps(jnp.asarray(tokens[None]), jnp.asarray([length]))
+    return np.stack([np.asarray(m[0])[:, :length, :length] for m in out])
+  return document
+
+
+def _write_arrays(out_dir, arrays, record):
+  """maps.npz (the arrays drawn) and maps.json (the record), atomically."""
+  with writer_lib.atomic_path(os.path.join(out_dir, 'maps.npz')) as tmp:
+    with open(tmp, 'wb') as f:
+      np.savez_compressed(f, **arrays)
+  writer_lib.write_json_atomic(os.path.join(out_dir, 'maps.json'), record)
 
 
 def _run(cfg, config, workdir, trainer):
@@ -342,6 +354,7 @@ def _run(cfg, config, workdir, trainer):
     raise ValueError('--config.examples is empty: give example indices, '
                      'e.g. 0,1')
   model, best_step = _best_model(trainer, workdir)
+  document_maps = _maps_fn(model, trainer)
   out_dir = cfg.out_dir or os.path.join(workdir, 'maps')
   trainer_lib.prepare_dir(out_dir, '--config.out_dir')
   kind = config.attention.kind
@@ -353,7 +366,7 @@ def _run(cfg, config, workdir, trainer):
   for index in examples:
     example = source[index]
     for suffix, tokens, length in _documents(example, task.head):
-      every = _layer_maps(model, trainer, tokens, length)  # [L, H, n, n]
+      every = document_maps(tokens, length)  # [L, H, n, n]
       full = every[np.ix_(layers, heads)]
       stats = summaries(full)
       looks.append(stats)
@@ -388,10 +401,7 @@ def _run(cfg, config, workdir, trainer):
       if 'label' in example:
         entry['label'] = int(example['label'])
       record['examples'].append(entry)
-  with writer_lib.atomic_path(os.path.join(out_dir, 'maps.npz')) as tmp:
-    with open(tmp, 'wb') as f:
-      np.savez_compressed(f, **arrays)
-  writer_lib.write_json_atomic(os.path.join(out_dir, 'maps.json'), record)
+  _write_arrays(out_dir, arrays, record)
   _add_to_results(workdir, cfg, examples, layers, heads, looks)
   logging.info('visualize: %d example(s) drawn in %s', len(examples), out_dir)
   print(f'maps of {len(examples)} example(s) written to {out_dir}')
@@ -472,7 +482,7 @@ def sweep(cfg, sweep_dir: str) -> dict:
         parse_indices(str(index), 'examples', len(source))
         model, best_step = _best_model(trainer, run_dir)
         suffix, tokens, length = _documents(source[index], task.head)[0]
-        every = _layer_maps(model, trainer, tokens, length)
+        every = _maps_fn(model, trainer)(tokens, length)
       finally:
         trainer.ckpts.close()
       layer = (layer_choice[0] if layer_choice else every.shape[0] - 1)
@@ -485,9 +495,10 @@ def sweep(cfg, sweep_dir: str) -> dict:
       b = tile(cfg.pool_above, length)
       maps.append(pool(every[layer].mean(0), b))
       # Tiles at the ragged end hold fewer cells: a share over real ones.
-      seen.append(pool(visible, b) * b * b / _tile_cells(length, b))
-      with open(os.path.join(run_dir, 'results.json')) as f:
-        accuracy = json.load(f)['metrics']['test']['accuracy']
+      seen.append(pool(visible, b) / pool(np.ones((length, length)), b))
+      accuracy = writer_lib.read_json_object(
+          os.path.join(run_dir, 'results.json'),
+          "this run's results")['metrics']['test']['accuracy']
       notes.append(f'test accuracy {100 * accuracy:.1f}%')
       name = f'{task_name}_{kind}'
       arrays[f'{name}_map'] = maps[-1]
@@ -503,20 +514,11 @@ def sweep(cfg, sweep_dir: str) -> dict:
     draw_sweep(maps, seen, list(kinds), notes, title,
                os.path.join(out_dir, f'{task_name}_example{index}.png'), cfg,
                b)
-  with writer_lib.atomic_path(os.path.join(out_dir, 'maps.npz')) as tmp:
-    with open(tmp, 'wb') as f:
-      np.savez_compressed(f, **arrays)
-  writer_lib.write_json_atomic(os.path.join(out_dir, 'maps.json'), record)
+  _write_arrays(out_dir, arrays, record)
   print(f'side-by-side maps of {sum(len(k) for k in runs.values())} run(s) '
         f'written to {out_dir}')
   return record
 
-
-def _tile_cells(length: int, b: int) -> np.ndarray:
-  """[m, m] how many real cells each b x b tile of a length x length map
-  holds (fewer at the ragged end)."""
-  sizes = np.minimum(b, length - b * np.arange(-(-length // b)))
-  return sizes[:, None] * sizes[None, :]
 
 
 def _add_to_results(workdir, cfg, examples, layers, heads, looks):
