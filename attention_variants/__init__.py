@@ -4,6 +4,7 @@
     out = av.attend(q, k, v, spec, causal=False, q_lengths=None,
                     kv_lengths=None, rng=None, learned=None)
     w = av.attention_weights(q, k, v, spec, ...)
+    parts = av.attention_parts(q, k, v, spec, ...)  # {component: weights}
     learned = av.init_learned(spec, key, num_heads=..., num_kv_heads=...,
                               head_dim=..., max_len=...)
 
@@ -11,7 +12,11 @@
 hyperparameters (missing ones take the registry's defaults below), and
 spec['implementation'] says how to compute it. Each variant module exposes
 `attend`, `weights`, `IMPLEMENTATIONS` and optionally `check_params`, and
-documents its hyperparameters in its docstring.
+documents its hyperparameters in its docstring. A kind whose pattern is made
+of distinct components (a window and global keys, random blocks, hash
+buckets, ...) also exposes `weight_parts`, with `weights`' arguments: a dict
+{component name: dense probabilities}, disjoint and summing to `weights`,
+from which pictures report the share of attention mass on each component.
 
 Kinds that own learned parameters (Linformer's projections, Sinkhorn's
 sorting network, ...) also expose
@@ -170,6 +175,22 @@ def attention_weights(q, k, v, spec, *, causal=False, q_lengths=None,
   return variant.weights(q, k, v, params, implementation=impl, causal=causal,
                          q_lengths=q_lengths, kv_lengths=kv_lengths, rng=rng,
                          **_learned_kw(variant, spec['kind'], learned))
+
+
+def attention_parts(q, k, v, spec, *, causal=False, q_lengths=None,
+                    kv_lengths=None, rng=None, learned=None) -> dict:
+  """{component: dense float32 [batch, heads, q_len, kv_len]}: the weights
+  of attention_weights split by the structural component that holds each
+  key (its kind's docstring names them), summing to them; {} for a kind
+  without such components (full, the kernel and low-rank kinds, local's
+  single window). For tests and pictures on short sequences only."""
+  variant, params, impl = resolve(spec)
+  parts = getattr(variant, 'weight_parts', None)
+  if parts is None:
+    return {}
+  return parts(q, k, v, params, implementation=impl, causal=causal,
+               q_lengths=q_lengths, kv_lengths=kv_lengths, rng=rng,
+               **_learned_kw(variant, spec['kind'], learned))
 
 
 def redraw_every(spec: Mapping) -> int:

@@ -28,6 +28,9 @@ blocks are seen only by themselves (as queries they still see every
 earlier key), and random blocks after the query are wasted (about half on
 average). num_global=1 (a leading global block only) suits causal models.
 Global query blocks cost O(N b g); the rest O(N (3 + g + r) b).
+Components (weight_parts, the mass on each in pictures): 'global' (every
+key of a global query block, and the global key blocks of the others),
+'window' (the non-global blocks |m - a| <= 1) and 'random'.
 
 Both: any length (padded internally to a multiple of the block; a block
 """
@@ -125,7 +128,7 @@ def _random(f, lo, ids, valid, causal):
     ok = jnp.repeat(ok, bs, axis=-1)
     mask &= ok.transpose(2, 0, 1, 3)[None, :, :, :, None, :]
     return masks.KeyPart(k=gather(kt), v=jnp.swapaxes(gather(vt), -1, -2),
-                         mask=mask, pos=pos)
+                         mask=mask, pos=pos, name='random')
   return part
 
 
@@ -138,7 +141,8 @@ def _global_query_segment(f, ranges, causal):
   mask = masks.allowed(q_pos, for_allowed(pos), f.ql, f.kl, causal=causal)
   keys = lambda x: x.reshape(b, 1, nb * bs, kvh, d)
   k, v = key_layout(keys(f.k), keys(f.v))
-  return ranges, q, [masks.KeyPart(k=k, v=v, mask=mask, pos=as_pos(pos))]
+  return ranges, q, [masks.KeyPart(k=k, v=v, mask=mask, pos=as_pos(pos),
+                                   name='global')]
 
 
 def _bigbird_segments(f, params, causal):
@@ -153,9 +157,11 @@ def _bigbird_segments(f, params, causal):
     offsets = (-1, 0) if causal else (-1, 0, 1)
     # Global key blocks come in their own part; never twice.
     middle = lambda ids: (ids >= lo) & (ids < hi)
-    builders = [window_part(f, offsets, middle, causal=causal)]
+    builders = [window_part(f, offsets, middle, causal=causal,
+                            name='window')]
     if global_ranges:
-      builders.append(shared_part(f, global_ranges, causal=causal))
+      builders.append(shared_part(f, global_ranges, causal=causal,
+                                  name='global'))
     if params['num_random']:
       heads = f.q.shape[3] * f.q.shape[4]
       ids, valid = random_blocks(params['seed'], heads, nb,
@@ -166,4 +172,5 @@ def _bigbird_segments(f, params, causal):
   return segments
 
 
-attend, weights = blocksparse.variant(_bigbird_segments, check_params)
+attend, weights, weight_parts = blocksparse.variant(_bigbird_segments,
+                                                   check_params)

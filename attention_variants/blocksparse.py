@@ -132,10 +132,11 @@ class Looped(NamedTuple):
 SEGMENT_ROWS = 1024
 
 
-def window_part(f, offsets, valid_block, *, causal, left=None, right=None):
+def window_part(f, offsets, valid_block, *, causal, name, left=None,
+                right=None):
   """parts(first, count) -> neighbouring key blocks a + o (o in offsets) of
-  query blocks a, masked by position. valid_block(ids) says which key block
-  ids this part may use. k and v are padded with zero blocks once; each
+  query blocks a, masked by position, as the component `name`.
+  valid_block(ids) says which key block ids this part may use. k and v are padded with zero blocks once; each
   call takes shifted (dynamic) slices of them, nothing is gathered."""
   pad = max(abs(o) for o in offsets)
   widths = [(0, 0)] * f.k.ndim
@@ -155,7 +156,7 @@ def window_part(f, offsets, valid_block, *, causal, left=None, right=None):
         [jax.lax.dynamic_slice_in_dim(x, first + pad + o, count, axis=1)
          for o in offsets], axis=2)
     k, v = key_layout(views(kp), views(vp))
-    return masks.KeyPart(k=k, v=v, mask=mask, pos=as_pos(pos))
+    return masks.KeyPart(k=k, v=v, mask=mask, pos=as_pos(pos), name=name)
   return part
 
 
@@ -169,9 +170,9 @@ def take_blocks(x, ranges):
   return jnp.concatenate([x[:, lo:hi] for lo, hi in ranges], axis=1)
 
 
-def shared_part(f, key_ranges, *, causal):
+def shared_part(f, key_ranges, *, causal, name):
   """parts(first, count) -> all keys of the blocks in key_ranges, one set
-  for every query block."""
+  for every query block, as the component `name`."""
   pos = positions(block_ids(key_ranges), f.block).reshape(1, -1)
   b, _, _, kvh, d = f.k.shape
   take = lambda x: take_blocks(x, key_ranges).reshape(b, 1, -1, kvh, d)
@@ -180,7 +181,7 @@ def shared_part(f, key_ranges, *, causal):
   def part(first, count):
     q_pos = for_allowed(positions(query_blocks(first, count), f.block))
     mask = masks.allowed(q_pos, for_allowed(pos), f.ql, f.kl, causal=causal)
-    return masks.KeyPart(k=k, v=v, mask=mask, pos=as_pos(pos))
+    return masks.KeyPart(k=k, v=v, mask=mask, pos=as_pos(pos), name=name)
   return part
 
 
@@ -252,60 +253,79 @@ def _output(f, segments, n_q):
   return _in_block_order(pieces, bs)[:, :n_q]
 
 
-def _dense(f, segments, n_q, n_k, *, mask_only=False):
-  """Dense float32 [b, heads, n_q, n_k]: probabilities (or the 0/1 pattern)."""
+def _dense_parts(f, segments, n_q, n_k, *, mask_only=False):
+  """{component name: dense float32 [b, heads, n_q, n_k]}: each named
+  KeyPart's probabilities (or its 0/1 pattern) scattered to its keys, zero
+  in the rows of segments without that component; the parts are disjoint
+  and sum to the whole distribution."""
   b, nb, bs, kvh, g, _ = f.q.shape
   n = nb * bs
-  pieces = []
-  for segment in segments:
-    ranges, q, parts = _as_one_step(f, segment)
+  pieces = {}  # name -> [(ranges, dense rows)], in the order names appear
+  steps = [_as_one_step(f, segment) for segment in segments]
+  names = list(dict.fromkeys(p.name for _, _, parts in steps for p in parts))
+  for ranges, q, parts in steps:
     if mask_only:
       shape = q.shape[:2] + (kvh, g, q.shape[2])
       probs = [jnp.broadcast_to(p.mask, shape + p.mask.shape[-1:]).astype(
           jnp.float32) for p in parts]
     else:
       probs = masks.key_part_probs(q, parts, f.scale)
-    dense = masks.key_parts_dense(probs, parts, n)  # [b, m, kvh, g, q, n]
-    dense = dense.transpose(0, 1, 4, 2, 3, 5).reshape(b, -1, kvh * g, n)
-    pieces.append((ranges, dense))
-  dense = _in_block_order(pieces, bs).transpose(0, 2, 1, 3)
-  return dense[:, :, :n_q, :n_k]
+    for name in names:
+      mine = [(p, part) for p, part in zip(probs, parts) if part.name == name]
+      if mine:
+        dense = masks.key_parts_dense(*zip(*mine), n)  # [b, m, kvh, g, q, n]
+      else:
+        dense = jnp.zeros(q.shape[:2] + (kvh, g, q.shape[2], n), jnp.float32)
+      dense = dense.transpose(0, 1, 4, 2, 3, 5).reshape(b, -1, kvh * g, n)
+      pieces.setdefault(name, []).append((ranges, dense))
+  return {name: _in_block_order(rows, bs).transpose(0, 2, 1, 3)[
+      :, :, :n_q, :n_k] for name, rows in pieces.items()}
+
+
+def _dense(f, segments, n_q, n_k, *, mask_only=False):
+  """Dense float32 [b, heads, n_q, n_k]: probabilities (or the 0/1 pattern)."""
+  return sum(_dense_parts(f, segments, n_q, n_k,
+                          mask_only=mask_only).values())
 
 
 def _compute(segments_fn, block_size, q, k, v, params, implementation,
-             causal, q_lengths, kv_lengths, *, want_weights):
-  """Output [b, q_len, heads, d] or dense weights of a variant's segments."""
+             causal, q_lengths, kv_lengths, *, want):
+  """Output [b, q_len, heads, d], dense weights (want='weights') or their
+  components (want='parts') of a variant's segments."""
   f = frame(q, k, v, block_size, q_lengths, kv_lengths)
   segments = segments_fn(f, params, bool(causal))
   n_q, n_k = q.shape[1], k.shape[1]
+  if want == 'parts':
+    # The gathered computation's own parts (equal to 'reference' within
+    # float32 rounding, tested), whatever the implementation.
+    return _dense_parts(f, segments, n_q, n_k)
   if implementation == 'reference':
     pattern = _dense(f, segments, n_q, n_k, mask_only=True) > 0
     probs = full.dense_probs(q, k, pattern)
-    if want_weights:
+    if want == 'weights':
       return probs
     return full.probs_times_v(probs, v, q.dtype)
-  if want_weights:
+  if want == 'weights':
     return _dense(f, segments, n_q, n_k)
   return _output(f, segments, n_q).astype(q.dtype)
 
 
 def variant(segments_fn, check_params):
-  """(attend, weights) of the registry contract for a block-sparse kind
-  whose pattern is `segments_fn(frame, params, causal)`."""
+  """(attend, weights, weight_parts) of the registry contract for a
+  block-sparse kind whose pattern is `segments_fn(frame, params, causal)`."""
 
   def run(q, k, v, params, implementation, causal, q_lengths, kv_lengths,
-          want_weights):
+          want):
     check_params(params)
     return _compute(segments_fn, params['block_size'], q, k, v, params,
-                    implementation, causal, q_lengths, kv_lengths,
-                    want_weights=want_weights)
+                    implementation, causal, q_lengths, kv_lengths, want=want)
 
   def attend(q, k, v, params, *, implementation='auto', causal=False,
              q_lengths=None, kv_lengths=None, rng=None):
     """Attention output [b, q_len, heads, d] in q's dtype (rng unused)."""
     del rng
     return run(q, k, v, params, implementation, causal, q_lengths,
-               kv_lengths, want_weights=False)
+               kv_lengths, want='output')
 
   def weights(q, k, v, params, *, implementation='auto', causal=False,
               q_lengths=None, kv_lengths=None, rng=None):
@@ -313,6 +333,14 @@ def variant(segments_fn, check_params):
     pattern (rng unused)."""
     del rng
     return run(q, k, v, params, implementation, causal, q_lengths,
-               kv_lengths, want_weights=True)
+               kv_lengths, want='weights')
 
-  return attend, weights
+  def weight_parts(q, k, v, params, *, implementation='auto', causal=False,
+                   q_lengths=None, kv_lengths=None, rng=None):
+    """{component: dense [b, heads, q_len, kv_len]}, summing to `weights`
+    (the KeyParts' names: the kind's docstring lists them)."""
+    del rng
+    return run(q, k, v, params, implementation, causal, q_lengths,
+               kv_lengths, want='parts')
+
+  return attend, weights, weight_parts

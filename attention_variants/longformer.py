@@ -27,6 +27,10 @@ Hyperparameters (config.attention.longformer):
 When the window covers the sequence (window >= length - 1) or every query
 is global, the result equals full attention.
 
+Components (weight_parts, the mass on each in pictures): 'global' (every
+key of a global query, and the global keys of the others) and 'window'
+(the rest of the band).
+
 How it is computed: the g global query rows are one dense masked softmax
 over all keys ([g, N] scores). The other rows go through a lax.scan over
 blocks of `block` queries, as in local.py: query block c slices its run of
@@ -70,8 +74,12 @@ def check_params(params):
   masks.check_positive_int('attention.longformer.block', params['block'])
 
 
-def pattern_mask(q, k, *, causal, q_lengths, kv_lengths, window, num_global):
-  """Dense bool [b, 1, q_len, kv_len]: window | global, padding, causal."""
+def pattern_masks(q, k, *, causal, q_lengths, kv_lengths, window,
+                  num_global):
+  """Dense bool [b, 1, q_len, kv_len] (window, global): the global part is
+  every visible key of a global query and the global keys of the others;
+  the window part the rest of the band. Disjoint; padding and causality
+  applied."""
   band = local.window_mask(q, k, causal=causal, q_lengths=q_lengths,
                            kv_lengths=kv_lengths, left=window, right=window)
   visible = full.full_mask(q, k, causal=causal, q_lengths=q_lengths,
@@ -80,7 +88,8 @@ def pattern_mask(q, k, *, causal, q_lengths, kv_lengths, window, num_global):
   g = min(num_global, max(n_q, n_k))  # fits int32 whatever was asked
   i = jnp.arange(n_q)[:, None]
   j = jnp.arange(n_k)[None, :]
-  return band | (visible & ((i < g) | (j < g)))
+  is_global = visible & ((i < g) | (j < g))
+  return band & ~is_global, is_global
 
 
 def _global_rows(q, k, v, ql, kl, causal, n_rows):
@@ -156,10 +165,16 @@ def longformer_attention(q, k, v, *, causal, q_lengths, kv_lengths, window,
   return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
 
 
+def _masks(q, k, params, causal, q_lengths, kv_lengths):
+  return pattern_masks(q, k, causal=causal, q_lengths=q_lengths,
+                       kv_lengths=kv_lengths, window=params['window'],
+                       num_global=params['num_global'])
+
+
 def _mask(q, k, params, causal, q_lengths, kv_lengths):
-  return pattern_mask(q, k, causal=causal, q_lengths=q_lengths,
-                      kv_lengths=kv_lengths, window=params['window'],
-                      num_global=params['num_global'])
+  """Dense bool [b, 1, q_len, kv_len]: window | global."""
+  window, is_global = _masks(q, k, params, causal, q_lengths, kv_lengths)
+  return window | is_global
 
 
 def weights(q, k, v, params, *, implementation='auto', causal=False,
@@ -169,6 +184,17 @@ def weights(q, k, v, params, *, implementation='auto', causal=False,
   check_params(params)
   return full.dense_probs(q, k, _mask(q, k, params, causal, q_lengths,
                                       kv_lengths))
+
+
+def weight_parts(q, k, v, params, *, implementation='auto', causal=False,
+                 q_lengths=None, kv_lengths=None, rng=None):
+  """{'window', 'global'}: `weights` split by pattern_masks (summing to it)."""
+  del v, implementation, rng
+  check_params(params)
+  window, is_global = _masks(q, k, params, causal, q_lengths, kv_lengths)
+  probs = full.dense_probs(q, k, window | is_global)
+  return {'window': jnp.where(window, probs, 0.0),
+          'global': jnp.where(is_global, probs, 0.0)}
 
 
 def attend(q, k, v, params, *, implementation='auto', causal=False,

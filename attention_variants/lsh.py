@@ -85,6 +85,11 @@ of sorted chunks and gathers their rows from q, k and v (see "The chunked
 path" below), so beyond the per-round outputs [b, kv, g, r, N, d] its
 temporaries are a few MiB per step.
 
+Components (weight_parts, the mass on each in pictures): 'own_bucket' (keys
+that hashed to the query's bucket in the round that found them) and
+'other_buckets' (keys seen only because they share its chunk or the
+previous one).
+
 Implementations:
   xla        the chunked algorithm above (jnp; runs on any backend).
   auto       xla.
@@ -286,6 +291,8 @@ class Setup(NamedTuple):
   orders: Orders
   exclude_self: bool
   geo: Geometry
+  q_buckets: jax.Array    # int32 [b, kv_heads, groups, rounds, n]
+  k_buckets: jax.Array    # int32 [b, kv_heads, rounds, n]
 
 
 def _pad_to(x, n):
@@ -315,17 +322,18 @@ def prepare(q, k, v, params, *, q_lengths, kv_lengths, rng) -> Setup:
     v = jnp.repeat(v, groups, axis=2)
     qg = q[:, :, :, None]
     rot = None if rot is None else jnp.repeat(rot, groups, axis=1)
-    ids = bucket_ids(qg, rot, jnp.maximum(ql, kl), geo.n_buckets)
-    q_order, q_inverse = sort_order(ids, geo.n_buckets)
+    q_ids = bucket_ids(qg, rot, jnp.maximum(ql, kl), geo.n_buckets)
+    q_order, q_inverse = sort_order(q_ids, geo.n_buckets)
     k_order, k_inverse = q_order[:, :, 0], q_inverse[:, :, 0]
+    k_ids = q_ids[:, :, 0]
   else:
     qg = masks.group_queries(q, kv_heads)
-    q_order, q_inverse = sort_order(bucket_ids(qg, rot, ql, geo.n_buckets),
-                                    geo.n_buckets)
+    q_ids = bucket_ids(qg, rot, ql, geo.n_buckets)
+    q_order, q_inverse = sort_order(q_ids, geo.n_buckets)
     k_ids = bucket_ids(k[:, :, :, None], rot, kl, geo.n_buckets)[:, :, 0]
     k_order, k_inverse = sort_order(k_ids, geo.n_buckets)
   orders = Orders(q_order, q_inverse, k_order, k_inverse, ql, kl)
-  return Setup(qg, k, v, orders, shared, geo)
+  return Setup(qg, k, v, orders, shared, geo, q_ids, k_ids)
 
 
 class RoundSoftmax(NamedTuple):
@@ -640,8 +648,9 @@ def _chunked_weights(s: Setup, *, causal: bool):
   return dense.at[bi, ki, gi, qi, kj].add(probs)
 
 
-def reference_weights(s: Setup, *, causal: bool):
-  """Dense [b, kv, g, n, n] combined probabilities computed densely, O(N^2)."""
+def _round_probs(s: Setup, *, causal: bool):
+  """(probs [b, kv, g, rounds, n, n], each round's probabilities times its
+  weight in the combination; has_key [b, kv, g, n]), computed densely."""
   geo = s.geo
   b, n, kv, g, d = s.q.shape
   scores = jnp.einsum('bnkgd,bmkd->bkgnm', s.q, s.k,
@@ -660,8 +669,13 @@ def reference_weights(s: Setup, *, causal: bool):
   is_self = jnp.eye(n, dtype=bool) if s.exclude_self else None
   soft = round_softmax(scores, mask, is_self)
   w, has_key = round_weights(soft.lse, axis=3)
-  probs = jnp.sum(soft.p / soft.denom * w[..., None], axis=3)
-  return jnp.where(has_key[..., None], probs, 0.0)
+  return soft.p / soft.denom * w[..., None], has_key
+
+
+def reference_weights(s: Setup, *, causal: bool):
+  """Dense [b, kv, g, n, n] combined probabilities computed densely, O(N^2)."""
+  probs, has_key = _round_probs(s, causal=causal)
+  return jnp.where(has_key[..., None], probs.sum(3), 0.0)
 
 
 def attend(q, k, v, params, *, implementation='auto', causal=False,
@@ -676,6 +690,25 @@ def attend(q, k, v, params, *, implementation='auto', causal=False,
     return full.probs_times_v(probs, s.v, q.dtype)[:, :n_q]
   out = _chunked_attention(_static(s, causal), s.q, s.k, s.v, s.orders)
   return out.reshape(b, n, kv * g, d)[:, :n_q].astype(q.dtype)
+
+
+def weight_parts(q, k, v, params, *, implementation='auto', causal=False,
+                 q_lengths=None, kv_lengths=None, rng=None):
+  """{'own_bucket', 'other_buckets'}: the combined probabilities (summing to
+  `weights`) split, round by round, by whether the key hashed to the
+  query's bucket in that round or only shares its chunk or the previous
+  one. Dense, O(N^2)."""
+  del implementation
+  s = prepare(q, k, v, params, q_lengths=q_lengths, kv_lengths=kv_lengths,
+              rng=rng)
+  probs, has_key = _round_probs(s, causal=causal)
+  same = (s.q_buckets[..., :, None]
+          == s.k_buckets[:, :, None, :, None, :])  # [b, kv, g, r, n, n]
+  b, kv, g, _, n, _ = probs.shape
+  cut = lambda x: jnp.where(has_key[..., None], x, 0.0).reshape(
+      b, kv * g, n, n)[:, :, :q.shape[1], :k.shape[1]]
+  return {'own_bucket': cut(jnp.where(same, probs, 0.0).sum(3)),
+          'other_buckets': cut(jnp.where(same, 0.0, probs).sum(3))}
 
 
 def weights(q, k, v, params, *, implementation='auto', causal=False,

@@ -173,11 +173,15 @@ class KeyPart(NamedTuple):
   pos: int absolute key positions, broadcastable to
     [blocks, kv_heads, groups, block_len, t]; only attention_weights needs
     them, and entries whose mask is False may hold anything.
+  name: which structural component of the pattern these keys are ('window',
+    'global', ...; attention_parts reports the mass on each by name); ''
+    where nothing reads it.
   """
   k: jax.Array
   v: jax.Array
   mask: jax.Array
   pos: jax.Array
+  name: str = ''
 
 
 def _part_operand(x, axes):

@@ -60,6 +60,10 @@ weights over the original keys are full attention's (tested). Causal
 block 0 has no sorted block. Likewise an identity R is block-local
 attention: a block attending to itself twice counts once.
 
+Components (weight_parts, the mass on each in pictures): 'own_block' and
+'sorted_block' (the mass on the sorted slots, spread over the keys they
+mix).
+
 Hyperparameters (config.attention.sinkhorn):
   block_size           b, an integer >= 1 (default 64: LRA's cifar10 and
                        pathfinder32 configs; its ListOps, text and
@@ -340,10 +344,12 @@ def sinkhorn_attention(q, k, v, learned, params, *, causal, q_lengths,
   return out[:, :n_q]
 
 
-def dense_weights(q, k, learned, params, *, causal, q_lengths, kv_lengths):
-  """Float32 [b, h, n_q, n_k]: the probability each query puts on each
-  original key, its own-block key weight plus its sorted slots' weights
-  times their mixture weights w (module docstring), computed densely."""
+def dense_parts(q, k, learned, params, *, causal, q_lengths, kv_lengths):
+  """{'own_block', 'sorted_block'}: float32 [b, h, n_q, n_k] each, the
+  probability each query puts on each original key through its own block's
+  keys, and through its sorted block's slots (their weights times the
+  mixture weights w, module docstring); computed densely. Their sum is the
+  attention distribution."""
   kv_heads, _ = masks.check_inputs(q, k, k)
   bsz, n_q, h, d = q.shape
   n_k = k.shape[1]
@@ -378,8 +384,16 @@ def dense_weights(q, k, learned, params, *, causal, q_lengths, kv_lengths):
                        jnp.broadcast_to(mix_ok[:, :, None], s_mix.shape)],
                       axis=-1))
   p_own, p_mix = probs[..., :n_k], probs[..., n_k:]
-  dense = p_own + jnp.einsum('bkgqt,bkqtp->bkgqp', p_mix, mix_q)
-  return dense.reshape(bsz, h, n_q, n_k)
+  through_sorted = jnp.einsum('bkgqt,bkqtp->bkgqp', p_mix, mix_q)
+  return {'own_block': p_own.reshape(bsz, h, n_q, n_k),
+          'sorted_block': through_sorted.reshape(bsz, h, n_q, n_k)}
+
+
+def dense_weights(q, k, learned, params, *, causal, q_lengths, kv_lengths):
+  """Float32 [b, h, n_q, n_k]: the probability each query puts on each
+  original key (the sum of dense_parts)."""
+  return sum(dense_parts(q, k, learned, params, causal=causal,
+                         q_lengths=q_lengths, kv_lengths=kv_lengths).values())
 
 
 def weights(q, k, v, params, *, implementation='auto', causal=False,
@@ -390,6 +404,15 @@ def weights(q, k, v, params, *, implementation='auto', causal=False,
   check_params(params)
   return dense_weights(q, k, learned, params, causal=causal,
                        q_lengths=q_lengths, kv_lengths=kv_lengths)
+
+
+def weight_parts(q, k, v, params, *, implementation='auto', causal=False,
+                 q_lengths=None, kv_lengths=None, rng=None, learned=None):
+  """{'own_block', 'sorted_block'} (dense_parts), summing to `weights`."""
+  del v, implementation, rng
+  check_params(params)
+  return dense_parts(q, k, learned, params, causal=causal,
+                     q_lengths=q_lengths, kv_lengths=kv_lengths)
 
 
 def attend(q, k, v, params, *, implementation='auto', causal=False,

@@ -24,6 +24,10 @@ fixed l is quadratic with a small constant: the default (strided, l = 128)
 measured time exponents of 1.0 to 1.2 over N = 2K..16K on a 2-core CPU
 (docs/benchmarks.md); fixed with l = 256, c = 2 about 1.26 (before the
 group loop), and the paper's c = 8 much more.
+
+Components (weight_parts, the mass on each in pictures): strided 'window'
+(|i - j| <= l) and 'stride' (the column keys further out); fixed 'block'
+(the own block) and 'summary' (the other blocks' last c positions).
 """
 from __future__ import annotations
 
@@ -62,7 +66,7 @@ def _fixed_segment(f, causal, num_summary):
   nb, l = f.n_blocks, f.block
   c = min(num_summary, l)
   own = window_part(f, (0,), lambda ids: np.ones(ids.shape, bool),
-                    causal=causal)
+                    causal=causal, name='block')
   if nb == 1:
     return Looped(0, nb, all_parts([own]))
   b, _, _, kvh, d = f.k.shape
@@ -77,7 +81,8 @@ def _fixed_segment(f, causal, num_summary):
     mask = masks.allowed(q_pos, for_allowed(pos), f.ql, f.kl, causal=causal)
     # The own block's summary keys are already in `own`.
     mask &= as_mask(blocks[:, None] != key_block[None, :])
-    return masks.KeyPart(k=ks, v=vs, mask=mask, pos=as_pos(pos))
+    return masks.KeyPart(k=ks, v=vs, mask=mask, pos=as_pos(pos),
+                         name='summary')
   return Looped(0, nb, all_parts([own, summaries]))
 
 
@@ -86,7 +91,7 @@ def _strided_segment(f, causal):
   nb, l = f.n_blocks, f.block
   offsets = (-1, 0) if causal else (-1, 0, 1)
   window = window_part(f, offsets, lambda ids: (ids >= 0) & (ids < nb),
-                       causal=causal, left=l, right=l)
+                       causal=causal, name='window', left=l, right=l)
   if nb <= 2:
     return Looped(0, nb, all_parts([window]))
   # Column part: query (a, r) meets keys m * l + r, i.e. row r of the
@@ -105,7 +110,8 @@ def _strided_segment(f, causal):
     far = jnp.abs(blocks[:, None] - np.arange(nb)[None, :]) > 1
     mask = ok.transpose(0, 2, 1, 3) & far[None, :, None, :]  # [b, a, r, m]
     mask = mask[:, :, None, None]  # [b, a, kvh, g, r, m]
-    return masks.KeyPart(k=kc, v=vc, mask=mask, pos=col[None, None, None])
+    return masks.KeyPart(k=kc, v=vc, mask=mask, pos=col[None, None, None],
+                         name='stride')
   return Looped(0, nb, all_parts([window, columns]))
 
 
@@ -115,4 +121,5 @@ def _sparse_segments(f, params, causal):
   return [_strided_segment(f, causal)]
 
 
-attend, weights = blocksparse.variant(_sparse_segments, check_params)
+attend, weights, weight_parts = blocksparse.variant(_sparse_segments,
+                                                   check_params)

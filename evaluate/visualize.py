@@ -23,8 +23,14 @@ one after the other (`_a`, `_b`). Written to RUN/maps (or config.out_dir):
   maps.npz                      every array drawn, by the same names
   maps.json                     per example: index, tokens, length, tile
                                 size, label, and per layer and head the mean
-                                attention distance (tokens) and the entropy
-                                of the rows (nats)
+                                attention distance (tokens), the entropy
+                                of the rows (nats) and, for a kind whose
+                                pattern has components (sparse, bigbird,
+                                longformer, lsh, sinkhorn: its docstring
+                                names them), `share`: the mean share of a
+                                row's mass on each (av.attention_parts;
+                                lsh's 'own_bucket' is the mass on keys that
+                                hashed to the query's own bucket)
 
 The run's results.json, when there is one, gains `attention.looks`: those
 per-layer, per-head summaries averaged over the examples drawn.
@@ -34,9 +40,11 @@ gets one figure per task instead, <task>_example<i>.png in SWEEP/maps: a
 column per kind with a finished run of seed `cfg.seed`, the first of
 `examples` (a match task's first document) at one layer (the first of
 `layers`, else the last), head-averaged, above the kind's visibility at that
-length (`visibility`: the share of heads that can see each key), with
-maps.npz and maps.json (per kind: run, step, layer, test accuracy, and the
-layer's per-head summaries).
+length (`visibility`: the share of heads that can see each key), each
+column titled with its test accuracy and, for a kind with components, the
+layer's share of mass on each (mean over heads); with maps.npz and
+maps.json (per kind: run, step, layer, test accuracy, and the layer's
+per-head summaries).
 
 Long sequences: maps over more than `pool_above` tokens are drawn as the
 mean over b x b tiles (b = ceil(length / pool_above); a tile past the end
@@ -102,10 +110,13 @@ def pool(maps: np.ndarray, b: int) -> np.ndarray:
   return tiles.sum(axis=(-3, -1)) / (b * b)
 
 
-def summaries(maps: np.ndarray) -> dict:
+def summaries(maps: np.ndarray, part_rows: dict | None = None) -> dict:
   """Per layer and head of maps [layers, heads, n, n] (valid tokens only):
   the mean over query rows that hold any probability of the attention
-  distance sum_j p_ij |i - j| and of the entropy -sum_j p_ij ln p_ij."""
+  distance sum_j p_ij |i - j| and of the entropy -sum_j p_ij ln p_ij; with
+  part_rows ({component: [layers, heads, n] the mass each row puts on it}),
+  also `share`: {component: the mean over those rows of that mass over the
+  row's}."""
   n = maps.shape[-1]
   pos = np.arange(n)
   distance = np.abs(pos[:, None] - pos[None, :])
@@ -116,8 +127,12 @@ def summaries(maps: np.ndarray) -> dict:
   dist = (maps * distance).sum(-1)
   ent = -plogp.sum(-1)
   count = np.maximum(rows.sum(-1), 1)
-  return {'mean_distance': ((dist * rows).sum(-1) / count).tolist(),
-          'entropy': ((ent * rows).sum(-1) / count).tolist()}
+  mean = lambda x: ((x * rows).sum(-1) / count).tolist()
+  out = {'mean_distance': mean(dist), 'entropy': mean(ent)}
+  if part_rows:
+    out['share'] = {name: mean(m / np.where(rows, mass, 1.0))
+                    for name, m in part_rows.items()}
+  return out
 
 
 def rollout(layer_means: np.ndarray) -> np.ndarray:
@@ -200,8 +215,11 @@ def _panel_inches(cells, labelled):
   return max(2.5, 0.14 * cells) if labelled else 3.0
 
 
-def draw_heads(maps, layers, heads, labels, title, path, cfg, b=1):
-  """maps [layers drawn, heads drawn, m, m] as a grid with one colour bar."""
+def draw_heads(maps, layers, heads, labels, title, path, cfg, b=1,
+               share=None):
+  """maps [layers drawn, heads drawn, m, m] as a grid with one colour bar;
+  share: summaries' {component: [layers drawn][heads drawn]}, if any."""
+  share = share or {}
   rows, cols, m = maps.shape[0], maps.shape[1], maps.shape[-1]
   labelled = labels is not None and m <= cfg.label_below
   side = _panel_inches(m, labelled)
@@ -214,7 +232,8 @@ def draw_heads(maps, layers, heads, labels, title, path, cfg, b=1):
       ax = axes[r][c]
       image = ax.imshow(maps[r, c], cmap='viridis', norm=norm,
                         interpolation='nearest', extent=_extent(m, b))
-      ax.set_title(f'layer {layer}, head {head}', fontsize=8)
+      ax.set_title(f'layer {layer}, head {head}' + _share_note(
+          {name: v[r][c] for name, v in share.items()}), fontsize=8)
       _axes_labels(ax, labels, m, cfg.label_below, 5)
   fig.colorbar(image, ax=axes, shrink=0.8,
                label='probability' + (' (log scale)' if cfg.log_scale else ''))
@@ -223,8 +242,10 @@ def draw_heads(maps, layers, heads, labels, title, path, cfg, b=1):
 
 
 def draw_layers(means, layers, labels, strip, strip_note, title, path, cfg,
-                b=1):
-  """The head-averaged map of each layer drawn, and the importance strip."""
+                b=1, share=None):
+  """The head-averaged map of each layer drawn, and the importance strip;
+  share as in draw_heads."""
+  share = share or {}
   cols, m = means.shape[0], means.shape[-1]
   labelled = labels is not None and m <= cfg.label_below
   side = _panel_inches(m, labelled)
@@ -235,10 +256,11 @@ def draw_layers(means, layers, labels, strip, strip_note, title, path, cfg,
                           else None)
   norm = _norm(means, cfg.log_scale)
   axes = [fig.add_subplot(grid[0, c]) for c in range(cols)]
-  for ax, layer, mean in zip(axes, layers, means):
+  for r, (ax, layer, mean) in enumerate(zip(axes, layers, means)):
     image = ax.imshow(mean, cmap='viridis', norm=norm, interpolation='nearest',
                       extent=_extent(m, b))
-    ax.set_title(f'layer {layer}, mean over heads', fontsize=8)
+    ax.set_title(f'layer {layer}, mean over heads' + _share_note(
+        {name: v[r] for name, v in share.items()}), fontsize=8)
     _axes_labels(ax, labels, m, cfg.label_below, 5)
   fig.colorbar(image, ax=axes, shrink=0.8,
                label='probability' + (' (log scale)' if cfg.log_scale else ''))
@@ -275,9 +297,13 @@ def _describe(suffix: str) -> str:
 
 
 def _mean_summaries(per_example: list[dict]) -> dict:
-  keys = per_example[0].keys()
-  return {k: np.mean([np.asarray(s[k]) for s in per_example], 0).tolist()
-          for k in keys}
+  """The summaries' mean over examples, key by key (shares nested)."""
+  out = {}
+  for key, first in per_example[0].items():
+    values = [s[key] for s in per_example]
+    out[key] = (_mean_summaries(values) if isinstance(first, dict) else
+                np.mean([np.asarray(v) for v in values], 0).tolist())
+  return out
 
 
 def run(cfg, workdir: str) -> dict:
@@ -321,14 +347,24 @@ def _best_model(trainer, workdir):
 
 
 def _maps_fn(model, trainer):
-  """document (tokens [n], length) -> its maps [layers, heads, length,
-  length]; compiled once for all the documents of a run."""
-  maps = jax.jit(lambda t, l: model.encoder.attention_maps(
-      t, l, attention_rng=trainer.eval_key))
+  """document (tokens [n], length) -> (its maps [layers, heads, length,
+  length], {component: [layers, heads, length] the mass each row puts on
+  it}, {} for a kind without components); compiled once for all the
+  documents of a run."""
+  def layers(t, l):
+    out = model.encoder.attention_maps(t, l, attention_rng=trainer.eval_key,
+                                       parts=True)
+    return ([w[0] for w, _ in out],
+            [{name: p[0].sum(-1) for name, p in parts.items()}
+             for _, parts in out])
+  maps = jax.jit(layers)
 
   def document(tokens, length):
-    out = maps(jnp.asarray(tokens[None]), jnp.asarray([length]))
-    return np.stack([np.asarray(m[0])[:, :length, :length] for m in out])
+    weights, parts = maps(jnp.asarray(tokens[None]), jnp.asarray([length]))
+    part_rows = {name: np.stack([np.asarray(p[name])[:, :length]
+                                 for p in parts]) for name in parts[0]}
+    return (np.stack([np.asarray(w)[:, :length, :length] for w in weights]),
+            part_rows)
   return document
 
 
@@ -366,9 +402,10 @@ def _run(cfg, config, workdir, trainer):
   for index in examples:
     example = source[index]
     for suffix, tokens, length in _documents(example, task.head):
-      every = document_maps(tokens, length)  # [L, H, n, n]
+      every, part_rows = document_maps(tokens, length)  # [L, H, n, n]
       full = every[np.ix_(layers, heads)]
-      stats = summaries(full)
+      stats = summaries(full, {name: m[np.ix_(layers, heads)]
+                               for name, m in part_rows.items()})
       looks.append(stats)
       b = tile(cfg.pool_above, length)
       drawn = pool(full, b)
@@ -387,10 +424,11 @@ def _run(cfg, config, workdir, trainer):
           strip = np.pad(strip, (0, -length % b)).reshape(-1, b).mean(1)
           strip_note += f'; mean over {b}-token spans'
         arrays[f'{name}_importance'] = strip
+      share = stats.get('share')
       draw_heads(drawn, layers, heads, labels, title,
-                 os.path.join(out_dir, f'{name}_heads.png'), cfg, b)
+                 os.path.join(out_dir, f'{name}_heads.png'), cfg, b, share)
       draw_layers(means, layers, labels, strip, strip_note, title,
-                  os.path.join(out_dir, f'{name}_layers.png'), cfg, b)
+                  os.path.join(out_dir, f'{name}_layers.png'), cfg, b, share)
       arrays[f'{name}_heads'] = drawn
       arrays[f'{name}_layers'] = means
       entry = {'name': name, 'index': index, 'length': length, 'tile': b,
@@ -422,6 +460,16 @@ def _sweep_runs(sweep_dir: str, seed: int) -> dict[str, dict[str, str]]:
     if kinds:
       found[task] = kinds
   return found
+
+
+def _share_note(share: dict) -> str:
+  """A second title line, e.g. 'window 61% · stride 39%': each
+  component's share (a list, e.g. over heads, is averaged); '' for none."""
+  if not share:
+    return ''
+  return '\n' + ' · '.join(f'{name.replace("_", " ")} '
+                            f'{100 * np.mean(v):.0f}%'
+                            for name, v in share.items())
 
 
 def draw_sweep(maps, seen, kinds, notes, title, path, cfg, b=1):
@@ -482,7 +530,7 @@ def sweep(cfg, sweep_dir: str) -> dict:
         parse_indices(str(index), 'examples', len(source))
         model, best_step = _best_model(trainer, run_dir)
         suffix, tokens, length = _documents(source[index], task.head)[0]
-        every = _maps_fn(model, trainer)(tokens, length)
+        every, part_rows = _maps_fn(model, trainer)(tokens, length)
       finally:
         trainer.ckpts.close()
       layer = (layer_choice[0] if layer_choice else every.shape[0] - 1)
@@ -499,14 +547,17 @@ def sweep(cfg, sweep_dir: str) -> dict:
       accuracy = writer_lib.read_json_object(
           os.path.join(run_dir, 'results.json'),
           "this run's results")['metrics']['test']['accuracy']
-      notes.append(f'test accuracy {100 * accuracy:.1f}%')
+      stats = summaries(every[layer:layer + 1],
+                        {name: m[layer:layer + 1]
+                         for name, m in part_rows.items()})
+      notes.append(f'test accuracy {100 * accuracy:.1f}%'
+                   + _share_note(stats.get('share', {})))
       name = f'{task_name}_{kind}'
       arrays[f'{name}_map'] = maps[-1]
       arrays[f'{name}_visible'] = seen[-1]
       entry[kind] = {'run': run_dir, 'best_step': best_step, 'layer': layer,
                      'length': length, 'tile': b, 'document': suffix[1:],
-                     'test_accuracy': accuracy,
-                     **summaries(every[layer:layer + 1])}
+                     'test_accuracy': accuracy, **stats}
     record['tasks'][task_name] = entry
     pooled_note = f'; means over {b} x {b} token tiles' if b > 1 else ''
     title = (f'{task_name}: {cfg.split} example {index} ({length} tokens'

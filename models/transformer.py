@@ -81,13 +81,16 @@ class Attention(nnx.Module):
                   learned=self._learned())
     return self.out(y.reshape(x.shape[0], x.shape[1], -1))
 
-  def weights(self, x, lengths, *, causal, attention_rng):
+  def weights(self, x, lengths, *, causal, attention_rng, parts=False):
     """The dense float32 probabilities [b, heads, n, n] that __call__ on the
-    same arguments uses (av.attention_weights of its q, k, v)."""
+    same arguments uses (av.attention_weights of its q, k, v); with parts,
+    also their split by component (av.attention_parts, {} for a kind
+    without components): (weights, parts)."""
     q, k, v = self._qkv(x)
-    return av.attention_weights(q, k, v, self.spec, causal=causal,
-                                q_lengths=lengths, kv_lengths=lengths,
-                                rng=attention_rng, learned=self._learned())
+    kw = dict(causal=causal, q_lengths=lengths, kv_lengths=lengths,
+              rng=attention_rng, learned=self._learned())
+    w = av.attention_weights(q, k, v, self.spec, **kw)
+    return (w, av.attention_parts(q, k, v, self.spec, **kw)) if parts else w
 
 
 class Block(nnx.Module):
@@ -188,17 +191,20 @@ class Encoder(nnx.Module):
                 dropout_rng=rngs[i])
     return self.ln(x)
 
-  def attention_maps(self, inputs, lengths, *, attention_rng):
+  def attention_maps(self, inputs, lengths, *, attention_rng, parts=False):
     """[layers] of the dense float32 attention probabilities [b, heads, n,
     n] that the evaluation forward pass (no dropout_rng) uses: layer i's
     are av.attention_weights of the q, k, v its block computes, with the
-    key it is given. O(N^2) per layer: for pictures of short sequences."""
+    key it is given; with parts, [layers] of (weights, their components)
+    (Attention.weights). O(N^2) per layer: for pictures of short
+    sequences."""
     x = self._embed(inputs)
     maps = []
     for i, block in enumerate(self.blocks):
       key = jax.random.fold_in(attention_rng, i)
       maps.append(block.attn.weights(block.ln1(x), lengths,
-                                     causal=self.causal, attention_rng=key))
+                                     causal=self.causal, attention_rng=key,
+                                     parts=parts))
       x = block(x, lengths, causal=self.causal, attention_rng=key,
                 dropout_rng=None)
     return maps

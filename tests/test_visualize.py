@@ -24,6 +24,8 @@ from tasks.base import Task
 from train import step, trainer
 
 N, VOCAB = 12, 10
+# The kinds whose attention_parts split the weights into components.
+STRUCTURED = ('sparse', 'bigbird', 'longformer', 'lsh', 'sinkhorn')
 
 
 def _model(kind, causal, **spec):
@@ -54,7 +56,9 @@ def test_maps_are_the_weights_each_layer_used(kind, spec, causal):
   @nnx.jit
   def compute(model, inputs, lengths, key):
     enc = model.encoder
-    maps = enc.attention_maps(inputs, lengths, attention_rng=key)
+    with_parts = enc.attention_maps(inputs, lengths, attention_rng=key,
+                                    parts=True)
+    maps = [w for w, _ in with_parts]
     x, wants, mixed, outs = enc._embed(inputs), [], [], []
     for i, block in enumerate(enc.blocks):
       spec_i = transformer.layer_spec(attention, i)
@@ -69,14 +73,18 @@ def test_maps_are_the_weights_each_layer_used(kind, spec, causal):
       mixed.append(jnp.einsum('bhqk,bkhd->bqhd', maps[i], v))
       x = block(x, lengths, causal=causal, attention_rng=layer_key,
                 dropout_rng=None)
-    return maps, wants, mixed, outs
+    return maps, [p for _, p in with_parts], wants, mixed, outs
 
-  maps, wants, mixed, outs = compute(model, inputs, lengths,
-                                     jax.random.key(3))
+  maps, parts, wants, mixed, outs = compute(model, inputs, lengths,
+                                            jax.random.key(3))
   assert len(maps) == 2 and maps[0].shape == (2, 2, N, N)
   for i in range(2):
     np.testing.assert_allclose(maps[i], wants[i], atol=1e-6)
     np.testing.assert_allclose(mixed[i], outs[i], atol=2e-5)
+    # The parts of the same layer split exactly these maps.
+    assert bool(parts[i]) == (kind in ('bigbird', 'lsh'))
+    if parts[i]:
+      np.testing.assert_allclose(sum(parts[i].values()), maps[i], atol=1e-6)
   # The padded rows and columns of the second example hold no probability.
   assert float(jnp.abs(maps[0][1, :, :, 7:]).max()) == 0.0
 
@@ -117,6 +125,13 @@ def test_summaries_of_known_maps():
   prev[0, 0, np.arange(1, n), np.arange(n - 1)] = 1.0
   np.testing.assert_allclose(visualize.summaries(prev)['mean_distance'],
                              [[1.0]])
+  # Shares: over the rows that hold probability (row 0 is empty), a third
+  # of each row's mass on 'a' is a share of 1/3.
+  rows = prev.sum(-1)
+  s = visualize.summaries(prev, {'a': rows / 3, 'b': 2 * rows / 3})
+  np.testing.assert_allclose(s['share']['a'], [[1 / 3]])
+  np.testing.assert_allclose(s['share']['b'], [[2 / 3]])
+  assert 'share' not in visualize.summaries(prev, {})
 
 
 def test_rollout_and_importance():
@@ -234,6 +249,15 @@ def _check_run(config, workdir):
     looks = json.load(f)['attention']['looks']
   assert looks['examples'] == [0, 2]
   assert np.asarray(looks['mean_distance']).shape == (layers, heads)
+  # Kinds with components report the share of mass on each, per layer and
+  # head: a distribution over the components.
+  share = first.get('share', {})
+  assert bool(share) == (config.attention.kind in STRUCTURED)
+  if share:
+    total = sum(np.asarray(v) for v in share.values())
+    assert total.shape == (layers, heads)
+    np.testing.assert_allclose(total, 1.0, atol=1e-5)
+    assert set(looks['share']) == set(share)
   return record, arrays
 
 
@@ -273,28 +297,40 @@ def test_side_by_side_over_a_sweep_directory(listops_run, smoke_config,
   sweep = tmp_path / 'sweep'
   full_dir = sweep / 'runs' / 'listops' / 'full' / 'seed0'
   shutil.copytree(run_dir, full_dir)
-  local_dir = str(sweep / 'runs' / 'listops' / 'local' / 'seed0')
-  config = smoke_config(attention__kind='local',
-                        attention__local__window=2)
-  trainer.train_and_evaluate(config, local_dir)
+  longformer_dir = str(sweep / 'runs' / 'listops' / 'longformer' / 'seed0')
+  config = smoke_config(attention__kind='longformer',
+                        attention__longformer__window=2)
+  trainer.train_and_evaluate(config, longformer_dir)
   record = _visualize(str(sweep), examples='1')
   out = str(sweep / 'maps')
   assert _png_shape(os.path.join(out, 'listops_example1.png'))[1] > 300
   saved, arrays = visualize.load(out)
   assert saved == json.loads(json.dumps(record))
   entry = record['tasks']['listops']
-  assert list(entry) == ['full', 'local'] and entry['local']['layer'] == 0
-  length = entry['local']['length']
-  local_seen = arrays['listops_local_visible']
-  want = _local_pattern(length, 2, 2, 1)[0]
-  np.testing.assert_array_equal(local_seen, want.astype(float))
+  assert list(entry) == ['full', 'longformer']
+  assert entry['longformer']['layer'] == 0
+  length = entry['longformer']['length']
+  # Longformer's window of 2 and its one global token (the CLS).
+  want = _local_pattern(length, 2, 2, 1)[0].copy()
+  want[0, :] = want[:, 0] = True
+  np.testing.assert_array_equal(arrays['listops_longformer_visible'],
+                                want.astype(float))
   assert (arrays['listops_full_visible'] == 1).all()
-  # The drawn map is the run's own head-averaged map of that example.
-  _visualize(local_dir, examples='1', out_dir=str(tmp_path / 'one'))
+  # Full attention has no components; longformer's shares are a
+  # distribution over its two.
+  assert 'share' not in entry['full']
+  share = entry['longformer']['share']
+  assert set(share) == {'window', 'global'}
+  np.testing.assert_allclose(np.add(share['window'], share['global']), 1.0,
+                             atol=1e-5)
+  # The drawn map and the shares are the run's own for that example.
+  _visualize(longformer_dir, examples='1', out_dir=str(tmp_path / 'one'))
   one, single = visualize.load(str(tmp_path / 'one'))
-  np.testing.assert_allclose(arrays['listops_local_map'],
+  np.testing.assert_allclose(arrays['listops_longformer_map'],
                              single['example1_layers'][0], atol=1e-6)
   assert one['examples'][0]['length'] == length
+  np.testing.assert_allclose(one['examples'][0]['share']['global'][0],
+                             share['global'][0], atol=1e-6)
 
 
 def test_a_sweep_without_runs_is_one_line(tmp_path):
