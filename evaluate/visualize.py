@@ -464,12 +464,14 @@ def _sweep_runs(sweep_dir: str, seed: int) -> dict[str, dict[str, str]]:
 
 def _share_note(share: dict) -> str:
   """A second title line, e.g. 'window 61% · stride 39%': each
-  component's share (a list, e.g. over heads, is averaged); '' for none."""
-  if not share:
+  component's share (a list, e.g. over heads, is averaged), largest first;
+  '' for none."""
+  means = sorted(((float(np.mean(v)), name) for name, v in share.items()),
+                 reverse=True)
+  if not means:
     return ''
-  return '\n' + ' · '.join(f'{name.replace("_", " ")} '
-                            f'{100 * np.mean(v):.0f}%'
-                            for name, v in share.items())
+  return '\n' + ' · '.join(f'{name.replace("_", " ")} {100 * m:.0f}%'
+                            for m, name in means)
 
 
 def draw_sweep(maps, seen, kinds, notes, title, path, cfg, b=1):
