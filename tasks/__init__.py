@@ -26,6 +26,7 @@ _REGISTRY = {
     'pathx': ('tasks.pathfinder', 'configs.pathx'),
     'text': ('tasks.text', 'configs.text'),
     'retrieval': ('tasks.retrieval', 'configs.retrieval'),
+    'lm': ('tasks.lm', 'configs.lm'),
 }
 NAMES = tuple(_REGISTRY)
 

@@ -73,7 +73,12 @@ def config_name(task_config, *parts: str) -> str:
   """Task-specific parts + split sizes + seed, '_'-joined, checked against
   what TFDS accepts; e.g. 'w63_s15_n5000-500-500_seed0'."""
   sizes = 'n' + '-'.join(str(n) for n in counts(task_config).values())
-  name = '_'.join([*parts, sizes, f'seed{task_config.data_seed}'])
+  return check_config_name(
+      '_'.join([*parts, sizes, f'seed{task_config.data_seed}']))
+
+
+def check_config_name(name: str) -> str:
+  """name, or a ValueError when TFDS would reject it as a config name."""
   if not _CONFIG_NAME.match(name):
     raise ValueError(f'config name {name!r} has characters TFDS rejects')
   return name

@@ -106,8 +106,10 @@ def test_unknown_task_lists_valid_ones(tmp_path):
     tasks.get(c, str(tmp_path))
 
 
-@pytest.mark.parametrize('name', tasks.NAMES)
-@pytest.mark.parametrize('preset', ['smoke', 'cpu', 'lra'])
+# Every task's presets: smoke, cpu and its largest (LRA's, or lm's long).
+@pytest.mark.parametrize('name,preset', [
+    (name, preset) for name in tasks.NAMES
+    for preset in ('smoke', 'cpu', 'long' if name == 'lm' else 'lra')])
 def test_presets_make_tasks_without_generating(tmp_path, name, preset):
   # make() only checks parameters; data is written on the first source().
   task = tasks.get(task_config(name, preset), str(tmp_path))

@@ -252,7 +252,7 @@ class Trainer:
   def restore(self):
     restored = self.ckpts.restore_latest(self.state)
     if restored is None:
-      return 0, {'best_step': -1, 'best_accuracy': -1.0, 'validation': {}}
+      return 0, {'best_step': -1, 'best_score': 0.0, 'validation': {}}
     state, meta = restored
     self.state = jax.device_put(state, self.replicated)
     logging.info('resumed from step %d', meta['step'])
@@ -282,11 +282,16 @@ class Trainer:
     self.writer.write(step, {**{f'validation/{k}': v for k, v in val.items()
                                 if isinstance(v, float)},
                              'validation/examples_per_sec': examples_per_sec})
-    logging.info('step %d validation accuracy %.4f loss %.4f', step,
-                 val['accuracy'], val['loss'])
-    if val['accuracy'] > meta['best_accuracy']:
-      meta.update(best_step=step, best_accuracy=val['accuracy'],
-                  validation=_scalars(val))
+    metric, mode = best_metric(self.setup.head)
+    logging.info('step %d validation accuracy %.4f loss %.4f%s', step,
+                 val['accuracy'], val['loss'],
+                 '' if metric == 'accuracy' else
+                 f' {metric} {val[metric]:.4f}')
+    score = val[metric] if mode == 'max' else -val[metric]
+    # Checkpoints written before `best_score` kept the best accuracy.
+    best = meta.get('best_score', meta.get('best_accuracy'))
+    if meta['best_step'] < 0 or score > best:
+      meta.update(best_step=step, best_score=score, validation=_scalars(val))
       self.ckpts.save_best(step, self.state, dict(meta, step=step))
 
   def finished_results(self, step: int) -> dict | None:
@@ -433,6 +438,12 @@ class Trainer:
     logging.info('done: best step %d, test accuracy %.4f; results in %s',
                  results['best_step'], test['accuracy'], path)
     return results
+
+
+def best_metric(head) -> tuple[str, str]:
+  """(validation metric, 'max' or 'min') that picks the best checkpoint:
+  the head's BEST, else accuracy (tasks/heads/__init__.py)."""
+  return getattr(head, 'BEST', ('accuracy', 'max'))
 
 
 def _totals(meta: dict) -> dict:

@@ -17,9 +17,12 @@ head's name:
   head.evaluation(outputs, batch) -> {name: [b, ...]}
       per-example arrays fetched to the host during evaluation
   head.metrics(arrays) -> {name: value}
-      the split's metrics from the concatenated evaluation arrays;
-      'accuracy' is what selects the best checkpoint
+      the split's metrics from the concatenated evaluation arrays (they
+      include the per-example 'loss' and 'weight'); every head reports
+      'accuracy'
   FIELDS      the example fields the head reads (each module documents them)
+  BEST        (metric, 'max' or 'min'): the validation metric that selects
+      the best checkpoint; ('accuracy', 'max') when a head does not say
 
 Adding a head: one module here and one registry line.
 """
@@ -32,6 +35,7 @@ _REGISTRY = {
     'classify': 'classify',
     'per_position': 'per_position',
     'match': 'match',
+    'lm': 'lm',
 }
 NAMES = tuple(_REGISTRY)
 
