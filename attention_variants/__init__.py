@@ -31,6 +31,16 @@ parameter and passes it back through `attend(..., learned=...)`; it never
 asks which kind it holds. `init_learned` of a parameter-free kind is {} and
 its `attend` is called exactly as before (no `learned` keyword).
 
+A kind that can decode causally one token at a time from a state (a
+key/value cache, a ring buffer of its window, a recurrent state) exposes
+
+    decode_init(params, *, batch, max_len, num_heads, num_kv_heads,
+                head_dim, dtype, rng, learned) -> state (a pytree)
+    decode_step(q, k, v, state, pos, params) -> (out [b, h, d], state)
+
+(`can_decode`, `decode_init`, `decode_step` below); generation recomputes
+the prefix for the others (evaluate/generate.py).
+
 A kind whose random features are redrawn during training names the period
 in a `redraw_every` hyperparameter; `redraw_every(spec)` reads it (1 for
 every other kind) and the trainer then keeps the attention key fixed for
@@ -191,6 +201,38 @@ def attention_parts(q, k, v, spec, *, causal=False, q_lengths=None,
   return parts(q, k, v, params, implementation=impl, causal=causal,
                q_lengths=q_lengths, kv_lengths=kv_lengths, rng=rng,
                **_learned_kw(variant, spec['kind'], learned))
+
+
+def can_decode(spec: Mapping) -> bool:
+  """Whether the kind decodes one token at a time from a state
+  (`decode_init`, `decode_step`); generation falls back to recomputing the
+  prefix for a kind that does not (evaluate/generate.py)."""
+  variant, _, _ = resolve(spec)
+  return hasattr(variant, 'decode_step')
+
+
+def decode_init(spec: Mapping, *, batch: int, max_len: int, num_heads: int,
+                num_kv_heads: int, head_dim: int, dtype, rng=None,
+                learned=None):
+  """The causal decoding state of a kind before any token, for rows of up
+  to max_len positions; `rng` and `learned` are those the forward pass
+  would be given (a kind's random features are drawn here, once)."""
+  variant, params, _ = resolve(spec)
+  return variant.decode_init(params, batch=batch, max_len=max_len,
+                             num_heads=num_heads, num_kv_heads=num_kv_heads,
+                             head_dim=head_dim, dtype=dtype, rng=rng,
+                             learned=learned)
+
+
+def decode_step(q, k, v, state, pos, spec: Mapping):
+  """(output [batch, heads, head_dim] float32, new state): causal attention
+  of the token at position `pos` (a scalar, the same for every row), whose
+  q [batch, heads, head_dim] and k, v [batch, kv_heads, head_dim] are
+  given, over itself and the earlier tokens in `state`. Equal to row `pos`
+  of attend(..., causal=True) on the whole sequence (tests/test_decode.py).
+  """
+  variant, params, _ = resolve(spec)
+  return variant.decode_step(q, k, v, state, pos, params)
 
 
 def redraw_every(spec: Mapping) -> int:

@@ -240,3 +240,8 @@ def attend(q, k, v, params, *, implementation='auto', causal=False,
                              kv_lengths=kv_lengths,
                              q_block=params['q_block'],
                              kv_block=params['kv_block'])
+
+
+# Decoding: blockwise is exact attention, so one new token attends to the
+# key/value cache as full's does (a single query row needs no blocking).
+decode_init, decode_step = full.decode_init, full.decode_step

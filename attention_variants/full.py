@@ -46,6 +46,25 @@ def probs_times_v(probs, v, out_dtype):
   return out.reshape(b, n_q, h, v.shape[-1]).astype(out_dtype)
 
 
+def decode_init(params, *, batch, max_len, num_heads, num_kv_heads,
+                head_dim, dtype, rng=None, learned=None):
+  """Decoding state: a key/value cache of max_len positions per row."""
+  del params, num_heads, rng, learned
+  zeros = jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype)
+  return {'k': zeros, 'v': zeros}
+
+
+def decode_step(q, k, v, state, pos, params):
+  """(output [b, h, d] float32, state) of the token at position `pos`
+  (every row's): its k, v are cached, and it attends to positions <= pos.
+  O(max_len) per token: what causal full attention sees."""
+  del params
+  ks, vs = (masks.cache_write(state[n], x, pos) for n, x in (('k', k),
+                                                              ('v', v)))
+  visible = (jnp.arange(ks.shape[1]) <= pos)[None, None]
+  return masks.token_attention(q, ks, vs, visible), {'k': ks, 'v': vs}
+
+
 def full_mask(q, k, *, causal, q_lengths, kv_lengths):
   ql, kl = masks.valid_lengths(q, k, q_lengths, kv_lengths)
   ok = masks.allowed(jnp.arange(q.shape[1])[None], jnp.arange(k.shape[1])[None],

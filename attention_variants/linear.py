@@ -312,3 +312,49 @@ def attend(q, k, v, params, *, implementation='auto', causal=False,
     return full.probs_times_v(w, v, q.dtype)
   return linear_attention(q, k, v, causal=causal, q_lengths=q_lengths,
                           kv_lengths=kv_lengths, chunk=params['chunk'])
+
+
+# --- Decoding: the recurrent state ----------------------------------------
+
+
+def feature_decode_init(batch, num_kv_heads, features, head_dim):
+  """The running sums of causal kernel attention before any key: S [b, kvh,
+  f, e], z [b, kvh, f] and the key shift `top` (NEG_INF: none yet)."""
+  return {'s': jnp.zeros((batch, num_kv_heads, features, head_dim),
+                         jnp.float32),
+          'z': jnp.zeros((batch, num_kv_heads, features), jnp.float32),
+          'top': jnp.full((batch, num_kv_heads), masks.NEG_INF, jnp.float32)}
+
+
+def feature_decode_step(q, k, v, state, *, q_map, k_map):
+  """(output [b, h, e] float32, state): the new key joins the sums (rescaled
+  when k_map's shift grows, as causal_sums does chunk by chunk), then the
+  query reads them: the causal forward's row for this position, in O(f e)
+  per head whatever the position. q [b, h, d]; k, v [b, kvh, d]."""
+  b, h, _ = q.shape
+  kvh = k.shape[1]
+  valid = jnp.ones((b, 1, 1, 1), bool)
+  phik, top = k_map(k[:, None], valid, state['top'])
+  factor = jnp.exp(state['top'] - top)
+  s = (state['s'] * factor[:, :, None, None]
+       + jnp.einsum('bskf,bske->bkfe', phik, v[:, None].astype(jnp.float32)))
+  z = state['z'] * factor[:, :, None] + phik[:, 0]
+  phiq = q_map(q.reshape(b, 1, kvh, h // kvh, -1))
+  num = jnp.einsum('bqkgf,bkfe->bqkge', phiq, s)
+  den = jnp.einsum('bqkgf,bkf->bqkg', phiq, z)[..., None]
+  out = _normalise(num, den, True)
+  return out.reshape(b, h, -1), {'s': s, 'z': z, 'top': top}
+
+
+def decode_init(params, *, batch, max_len, num_heads, num_kv_heads, head_dim,
+                dtype, rng=None, learned=None):
+  """Decoding state: S = sum phi(k) v^T [d, d] and z = sum phi(k) [d] per
+  kv head, constant in the position."""
+  del params, max_len, num_heads, dtype, rng, learned
+  return feature_decode_init(batch, num_kv_heads, head_dim, head_dim)
+
+
+def decode_step(q, k, v, state, pos, params):
+  del pos, params
+  return feature_decode_step(q, k, v, state, q_map=feature_map,
+                             k_map=_key_map)

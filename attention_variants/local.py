@@ -147,3 +147,40 @@ def attend(q, k, v, params, *, implementation='auto', causal=False,
   return local_attention(q, k, v, causal=causal, q_lengths=q_lengths,
                          kv_lengths=kv_lengths, left=left, right=right,
                          block=params['block'])
+
+
+def decode_init(params, *, batch, max_len, num_heads, num_kv_heads, head_dim,
+                dtype, rng=None, learned=None):
+  """Decoding state: a ring buffer of the causal window, the last left + 1
+  keys and values (memory O(window), not O(max_len)) and the position each
+  slot holds (-1: empty)."""
+  del num_heads, rng, learned
+  check_params(params)
+  left, _ = extents(params, causal=True)
+  return ring_init(batch, min(left, max_len) + 1, num_kv_heads, head_dim,
+                   dtype)
+
+
+def ring_init(batch, slots, num_kv_heads, head_dim, dtype):
+  """An empty ring buffer of `slots` keys and values per row."""
+  zeros = jnp.zeros((batch, slots, num_kv_heads, head_dim), dtype)
+  return {'k': zeros, 'v': zeros, 'pos': jnp.full((slots,), -1, jnp.int32)}
+
+
+def ring_write(state, k, v, pos):
+  """A ring-buffer state with the token at `pos` in slot pos % slots."""
+  slot = pos % state['pos'].shape[0]
+  return {'k': masks.cache_write(state['k'], k, slot),
+          'v': masks.cache_write(state['v'], v, slot),
+          'pos': state['pos'].at[slot].set(pos)}
+
+
+def decode_step(q, k, v, state, pos, params):
+  """(output [b, h, d] float32, state) of the token at `pos`: it attends to
+  positions pos - left .. pos, all of them in the ring. O(window) per
+  token."""
+  left, _ = extents(params, causal=True)
+  state = ring_write(state, k, v, pos)
+  held = state['pos']
+  visible = ((held >= 0) & (held >= pos - left) & (held <= pos))[None, None]
+  return masks.token_attention(q, state['k'], state['v'], visible), state

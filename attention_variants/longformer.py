@@ -209,3 +209,45 @@ def attend(q, k, v, params, *, implementation='auto', causal=False,
       q, k, v, causal=causal, q_lengths=q_lengths, kv_lengths=kv_lengths,
       window=params['window'], num_global=params['num_global'],
       block=params['block'])
+
+
+def decode_init(params, *, batch, max_len, num_heads, num_kv_heads, head_dim,
+                dtype, rng=None, learned=None):
+  """Decoding state: the global keys and values (the first num_global
+  positions) and a ring buffer of the causal window (local.decode_init):
+  memory O(window + num_global), not O(max_len)."""
+  check_params(params)
+  g = min(params['num_global'], max_len)
+  zeros = jnp.zeros((batch, max(g, 1), num_kv_heads, head_dim), dtype)
+  del num_heads, rng, learned
+  ring = local.ring_init(batch, min(params['window'], max_len) + 1,
+                         num_kv_heads, head_dim, dtype)
+  return {'global_k': zeros, 'global_v': zeros, 'ring': ring}
+
+
+def decode_step(q, k, v, state, pos, params):
+  """(output [b, h, d] float32, state) of the token at `pos`, in one
+  softmax over its visible global keys (j < num_global, j <= pos) and its
+  window keys in the ring (max(pos - window, num_global) <= j <= pos; a
+  global query's keys are all global). O(window + num_global) per token."""
+  g = params['num_global']
+  n_g = state['global_k'].shape[1]
+  is_global = pos < g
+  slot = jnp.minimum(pos, n_g - 1)
+  gk = jnp.where(is_global, masks.cache_write(state['global_k'], k, slot),
+                 state['global_k'])
+  gv = jnp.where(is_global, masks.cache_write(state['global_v'], v, slot),
+                 state['global_v'])
+  ring = local.ring_write(state['ring'], k, v, pos)
+  # A global position is never in the window part: keep the ring as it was.
+  ring = jax.tree.map(lambda new, old: jnp.where(is_global, old, new), ring,
+                      state['ring'])
+  held = ring['pos']
+  window = ((held >= 0) & (held >= pos - params['window']) & (held >= g)
+            & (held <= pos))
+  in_global = (jnp.arange(n_g) < g) & (jnp.arange(n_g) <= pos)
+  keys = jnp.concatenate([gk, ring['k']], axis=1)
+  values = jnp.concatenate([gv, ring['v']], axis=1)
+  visible = jnp.concatenate([in_global, window])[None, None]
+  out = masks.token_attention(q, keys, values, visible)
+  return out, {'global_k': gk, 'global_v': gv, 'ring': ring}

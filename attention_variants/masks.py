@@ -257,3 +257,33 @@ def key_parts_dense(probs, parts, n: int):
         jnp.arange(rows.shape[0])[:, None], cols].add(rows, mode='drop')
     dense = dense + scattered.reshape(p.shape[:-1] + (n,))
   return dense
+
+
+# --- Decoding (one new token per row over cached keys) ---------------------
+
+
+def token_attention(q, k, v, visible, *, scale=None):
+  """Float32 [b, h, d]: one query token per row against t cached keys.
+
+  q [b, h, d]; k, v [b, t, kv_heads, d]; visible bool broadcastable to
+  [b, h, t]. One float32 softmax over the visible keys (scale 1/sqrt(d) by
+  default), as masked_softmax; a row with no visible key is zeros.
+  """
+  b, h, d = q.shape
+  kv_heads = k.shape[2]
+  scale = default_scale(d) if scale is None else scale
+  qg = q.reshape(b, kv_heads, h // kv_heads, d)
+  s = jnp.einsum('bkgd,btkd->bkgt', qg, k,
+                 preferred_element_type=jnp.float32) * scale
+  p = masked_softmax(s.reshape(b, h, -1), visible)
+  out = jnp.einsum('bkgt,btkd->bkgd',
+                   p.reshape(b, kv_heads, h // kv_heads, -1),
+                   v.astype(jnp.float32))
+  return out.reshape(b, h, d)
+
+
+def cache_write(cache, x, slot):
+  """cache [b, t, ...] with x [b, ...] written at index `slot` (a traced
+  scalar) of axis 1."""
+  return jax.lax.dynamic_update_slice_in_dim(cache, x[:, None].astype(
+      cache.dtype), slot, axis=1)

@@ -248,3 +248,25 @@ def attend(q, k, v, params, *, implementation='auto', causal=False,
   return linear.feature_attention(
       gq, k, v, q_map=q_map, k_map=k_map, causal=causal, q_lengths=ql,
       kv_lengths=kl, chunk=params['chunk'], dtype=q.dtype)
+
+
+def decode_init(params, *, batch, max_len, num_heads, num_kv_heads, head_dim,
+                dtype, rng=None, learned=None):
+  """Decoding state: the features W drawn once from the key the forward
+  pass would use (feature_key), and linear's running sums over m features
+  per kv head: O(m d) per head, constant in the position."""
+  del max_len, num_heads, dtype, learned
+  check_params(params)
+  w = projections(feature_key(rng, params), params['num_features'],
+                  head_dim, num_kv_heads)
+  return {'w': w, **linear.feature_decode_init(
+      batch, num_kv_heads, params['num_features'], head_dim)}
+
+
+def decode_step(q, k, v, state, pos, params):
+  del pos, params
+  w = state['w']
+  sums = {n: state[n] for n in ('s', 'z', 'top')}
+  out, sums = linear.feature_decode_step(q, k, v, sums, q_map=query_map(w),
+                                         k_map=key_map(w))
+  return out, {'w': w, **sums}

@@ -44,7 +44,7 @@ class Attention(nnx.Module):
                        f'model.num_kv_heads={num_kv_heads}')
     self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
     self.head_dim = dim // num_heads
-    self.spec = spec
+    self.spec, self.dtype = spec, dtype
     lin = lambda i, o: nnx.Linear(i, o, dtype=dtype, rngs=rngs)
     self.query = lin(dim, num_heads * self.head_dim)
     self.key = lin(dim, num_kv_heads * self.head_dim)
@@ -81,6 +81,24 @@ class Attention(nnx.Module):
                   learned=self._learned())
     return self.out(y.reshape(x.shape[0], x.shape[1], -1))
 
+  def decode_init(self, batch, max_len, *, attention_rng):
+    """The kind's causal decoding state (av.decode_init) for this layer."""
+    return av.decode_init(self.spec, batch=batch, max_len=max_len,
+                          num_heads=self.num_heads,
+                          num_kv_heads=self.num_kv_heads,
+                          head_dim=self.head_dim, dtype=self.dtype,
+                          rng=attention_rng,
+                          learned=self._learned())
+
+  def decode(self, x, pos, state):
+    """(output [b, dim], state) of one token per row x [b, dim] at `pos`."""
+    b = x.shape[0]
+    q = self.query(x).reshape(b, self.num_heads, self.head_dim)
+    k = self.key(x).reshape(b, self.num_kv_heads, self.head_dim)
+    v = self.value(x).reshape(b, self.num_kv_heads, self.head_dim)
+    y, state = av.decode_step(q, k, v, state, pos, self.spec)
+    return self.out(y.astype(x.dtype).reshape(b, -1)), state
+
   def weights(self, x, lengths, *, causal, attention_rng, parts=False):
     """The dense float32 probabilities [b, heads, n, n] that __call__ on the
     same arguments uses (av.attention_weights of its q, k, v); with parts,
@@ -111,8 +129,17 @@ class Block(nnx.Module):
     h = self.attn(self.ln1(x), lengths, causal=causal,
                   attention_rng=attention_rng)
     x = x + dropout(h, self.rate, r1)
-    h = self.mlp_out(jax.nn.gelu(self.mlp_in(self.ln2(x))))
-    return x + dropout(h, self.rate, r2)
+    return x + dropout(self._mlp(x), self.rate, r2)
+
+  def _mlp(self, x):
+    return self.mlp_out(jax.nn.gelu(self.mlp_in(self.ln2(x))))
+
+  def decode(self, x, pos, state):
+    """__call__ for one token per row (x [b, dim]) at `pos`, evaluation
+    mode: (output, the attention's new decoding state)."""
+    h, state = self.attn.decode(self.ln1(x), pos, state)
+    x = x + h
+    return x + self._mlp(x), state
 
 
 def layer_spec(spec: dict, layer: int) -> dict:
@@ -190,6 +217,27 @@ class Encoder(nnx.Module):
                 attention_rng=jax.random.fold_in(attention_rng, i),
                 dropout_rng=rngs[i])
     return self.ln(x)
+
+  def decode_init(self, batch, max_len, *, attention_rng):
+    """[layers] of causal decoding states (av.decode_init), each with the
+    key its layer's forward pass uses, for rows of up to max_len tokens."""
+    if not self.causal:
+      raise ValueError('decoding needs a causal encoder; this task\'s '
+                       'attention is bidirectional')
+    return [block.attn.decode_init(batch, max_len, attention_rng=
+                                   jax.random.fold_in(attention_rng, i))
+            for i, block in enumerate(self.blocks)]
+
+  def decode_step(self, tokens, pos, states):
+    """(encodings [b, dim] of the tokens [b] at position `pos`, new
+    states): the evaluation forward pass's row `pos`, computed from the
+    earlier tokens' states (av.decode_step), one token at a time."""
+    x = self.embed(tokens) + self.pos[...][pos].astype(self.embed.dtype)
+    new = []
+    for block, state in zip(self.blocks, states):
+      x, state = block.decode(x, pos, state)
+      new.append(state)
+    return self.ln(x), new
 
   def attention_maps(self, inputs, lengths, *, attention_rng, parts=False):
     """[layers] of the dense float32 attention probabilities [b, heads, n,

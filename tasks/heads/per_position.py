@@ -31,6 +31,11 @@ class Head(nnx.Module):
   def __call__(self, encoder, batch, *, attention_rng, dropout_rng=None):
     x = encoder(batch['inputs'], batch['length'], attention_rng=attention_rng,
                 dropout_rng=dropout_rng)
+    return self.token_logits(x)
+
+  def token_logits(self, x):
+    """Logits [..., num_classes] float32 of encodings [..., dim] (what
+    generation reads at each new position)."""
     return self.logits(x).astype(jnp.float32)
 
   def loss(self, logits, batch):
