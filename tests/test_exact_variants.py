@@ -191,6 +191,7 @@ def test_bad_params_raise(spec, name):
 
 
 
+@pytest.mark.slow  # compiles forward + backward at 2 lengths; opt-in
 @pytest.mark.parametrize('spec', [
     {'kind': 'blockwise', 'blockwise': {'q_block': 64, 'kv_block': 64}},
     {'kind': 'local', 'local': {'window': 16, 'block': 16}},

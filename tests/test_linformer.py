@@ -206,6 +206,7 @@ def test_mismatched_learned_arrays_raise():
     av.attend(q, k, v, spec, learned=short)
 
 
+@pytest.mark.slow  # compiles forward + backward at 2 lengths; opt-in
 def test_backward_memory_is_linear_in_length():
   """Doubling N at most doubles forward + backward memory (N x N would 4x);
   kit passes init_learned's E and F for each length."""

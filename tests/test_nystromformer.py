@@ -246,6 +246,7 @@ def test_bad_params_raise(name, value, minimum):
 
 
 
+@pytest.mark.slow  # compiles forward + backward at 2 lengths; opt-in
 def test_backward_memory_is_linear_in_length():
   """Doubling N at most doubles forward + backward memory (N x N would 4x)."""
   n, heads, spec = 1024, 2, _spec(num_landmarks=16)

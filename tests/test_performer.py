@@ -301,6 +301,7 @@ def test_bad_params_raise(name, value, match):
 
 
 
+@pytest.mark.slow  # compiles forward + backward at 2 lengths; opt-in
 @pytest.mark.parametrize('causal', [False, True], ids=['bidir', 'causal'])
 def test_backward_memory_is_linear_in_length(causal):
   """Doubling N at most doubles forward + backward memory (N x N would 4x)."""

@@ -372,6 +372,7 @@ def test_learned_parameters_are_required_and_checked():
     av.attend(q, k, v, spec, learned=one_head)
 
 
+@pytest.mark.slow  # compiles forward + backward at 2 lengths; opt-in
 @pytest.mark.parametrize('causal', [False, True], ids=['bidir', 'causal'])
 def test_backward_memory_is_linear_in_length(causal):
   """Doubling N at most doubles forward + backward memory (N x N would
