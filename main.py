@@ -5,9 +5,13 @@
 
 Modes (--mode):
   train     (default) train, validate, test the best checkpoint, write
-            results.json; rerunning the same command resumes.
-  evaluate  re-evaluate a finished run's best checkpoint on test and rewrite
-            its results.json: --mode=evaluate --workdir=RUN (no --config).
+            results.json; rerunning the same command resumes. Tasks with a
+            `generation` block (lm, copy) then generate continuations of
+            test prompts and add BLEU, chrF, ROUGE and exact match
+            (RUN/generations.jsonl holds the texts).
+  evaluate  re-evaluate a finished run's best checkpoint on test (and its
+            generation) and rewrite its results.json: --mode=evaluate
+            --workdir=RUN (no --config).
   benchmark time and peak memory of every attention kind against
             jax.nn.dot_product_attention: --config=configs/benchmark.py.
   compare   the variants x tasks x seeds sweep with its tables and plots:
@@ -58,11 +62,14 @@ EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PREEMPTED = 1, 130, 143
 def run(mode, config, workdir):
   if mode == 'train':
     from train import trainer
-    trainer.train_and_evaluate(config, workdir,
-                               max_steps_this_run=_STEPS_THIS_RUN.value)
+    results = trainer.train_and_evaluate(
+        config, workdir, max_steps_this_run=_STEPS_THIS_RUN.value)
+    if results is not None and 'generation' not in results['metrics']['test']:
+      score_generation(workdir)
   elif mode == 'evaluate':
     from train import trainer
     trainer.evaluate_run(workdir)
+    score_generation(workdir)
   elif mode == 'benchmark':
     from evaluate import benchmark
     benchmark.run(config, workdir)
@@ -78,6 +85,13 @@ def run(mode, config, workdir):
       from configs import visualize as visualize_config
       config = visualize_config.get_config()
     visualize.run(config, workdir)
+
+
+def score_generation(workdir):
+  """A finished run of a task with config.generation (lm, copy): its test
+  prompts' continuations, scored into results.json (evaluate/generate.py)."""
+  from evaluate import generate
+  generate.score_run(workdir)
 
 
 class _QuietLibraries(std_logging.Filter):

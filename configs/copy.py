@@ -14,6 +14,7 @@ def _smoke(c):
   c.model.update(num_layers=1, dim=32, num_heads=2, mlp_dim=64)
   c.train.update(batch_size=16, num_steps=6, warmup_steps=2, eval_every=3,
                  log_every=2, checkpoint_every=3)
+  c.generation.update(num_prompts=4, batch_size=2)
 
 
 def _cpu(c):
@@ -45,5 +46,9 @@ def get_config(arg=None):
       num_test=2_000,
       data_seed=0,            # generator seed (fixed across training seeds)
   )
+  # Generating w's second copy from `S w S`: the prompt runs to the first
+  # scored token, the reference is every scored one; exact match of all.
+  c.generation = default.generation(prompt_tokens=0, new_tokens=0,
+                                    exact_match_tokens=0)
   return default.with_preset(
       c, arg, {'smoke': _smoke, 'cpu': _cpu, 'lra': _lra}, default='cpu')

@@ -65,6 +65,27 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
+def generation(**overrides) -> ml_collections.ConfigDict:
+  """config.generation of the causal next-token tasks (lm, copy): what
+  training's end and --mode=evaluate generate from the best checkpoint and
+  score (evaluate/generate.py: score_run). Read only then, so changing it
+  never makes a run another experiment."""
+  return ml_collections.ConfigDict({**dict(
+      num_prompts=64,           # test examples continued; 0 -> none
+      prompt_tokens=256,        # prompt: the first N tokens of an example;
+                                # 0 -> up to its first scored token
+      new_tokens=64,            # tokens generated per prompt; 0 -> as many
+                                # as the example scores after the prompt
+      temperature=0.0,          # 0 -> greedy; else sampled at this
+      top_k=0,                  # sample from the k likeliest; 0 -> all
+      top_p=1.0,                # nucleus: the likeliest tokens up to this
+                                # probability mass; 1.0 -> all
+      exact_match_tokens=16,    # exact match of the first N tokens; 0 -> all
+      batch_size=16,            # prompts generated at once
+      seed=0,                   # sampling
+  ), **overrides})
+
+
 def with_preset(config: ml_collections.ConfigDict, arg: str | None,
                 presets: Mapping[str, Callable[[ml_collections.ConfigDict], None]],
                 default: str) -> ml_collections.ConfigDict:

@@ -23,6 +23,8 @@ def _smoke(c):
   c.model.update(num_layers=1, dim=32, num_heads=2, mlp_dim=64)
   c.train.update(batch_size=16, num_steps=6, warmup_steps=2, eval_every=3,
                  log_every=2, checkpoint_every=3)
+  c.generation.update(num_prompts=4, prompt_tokens=32, new_tokens=16,
+                      exact_match_tokens=4, batch_size=2)
 
 
 def _cpu(c):
@@ -57,5 +59,6 @@ def get_config(arg=None):
       download=True,            # lm1b: download it into data_dir if missing
       data_seed=0,              # which files go to which split; lm1b's cut
   )
+  c.generation = default.generation()
   return default.with_preset(
       c, arg, {'smoke': _smoke, 'cpu': _cpu, 'long': _long}, default='cpu')

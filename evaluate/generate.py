@@ -41,9 +41,13 @@ and one token is drawn with jax.random.categorical from `rng`.
 from __future__ import annotations
 
 import functools
+import json
+import os
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import attention_variants as av
@@ -154,3 +158,119 @@ def _generate(model, prompts, lengths, attention_rng, rng, *,
   starts = lengths[:, None] + jnp.arange(max_new_tokens)[None, :]
   return {'tokens': jnp.take_along_axis(buffer, starts, axis=1),
           'logits': jnp.moveaxis(logits, 0, 1)}
+
+
+# --- Scoring a run's continuations -------------------------------------------
+
+
+def continuation(example, prompt_tokens: int, new_tokens: int):
+  """(prompt, reference) token arrays of a per-position example, or None
+  when it is too short. The prompt is inputs[:p], p = prompt_tokens, or
+  (0) one past the first scored position (copy: up to its second
+  separator); the reference is the next new_tokens targets from there (0:
+  every scored target after the prompt)."""
+  weights = np.asarray(example['weights'])
+  scored = np.flatnonzero(weights > 0)
+  if not scored.size:
+    return None
+  p = prompt_tokens or int(scored[0]) + 1
+  g = new_tokens or int((weights[p - 1:] > 0).sum())
+  if g < 1 or p - 1 + g > int(example['length']):
+    return None
+  return (np.asarray(example['inputs'][:p]),
+          np.asarray(example['targets'][p - 1:p - 1 + g]))
+
+
+def score_run(workdir: str) -> dict | None:
+  """Generates continuations of the run's test prompts from its best
+  checkpoint (config.generation says how many, how long and how sampled),
+  scores them (tasks/metrics.py: BLEU, chrF, ROUGE-1/2/L, exact match),
+  writes RUN/generations.jsonl and adds `generation` to the test metrics
+  of results.json; None when the run's config has no generation block or
+  asks for no prompts."""
+  from tasks import metrics as metrics_lib
+  from train import trainer as trainer_lib
+  from train import writer as writer_lib
+  config = trainer_lib.run_config(workdir)
+  g = config.get('generation')
+  if g is None or g.num_prompts == 0:
+    return None
+  check_config(g)
+  trainer = trainer_lib.Trainer(config, workdir)
+  try:
+    model, best_step = trainer.best_model()
+  finally:
+    trainer.ckpts.close()
+  task = trainer.task
+  pairs = []
+  source = task.source('test')
+  for i in range(len(source)):
+    pair = continuation(source[i], g.prompt_tokens, g.new_tokens)
+    if pair is not None:
+      pairs.append((i, *pair))
+    if len(pairs) == g.num_prompts:
+      break
+  if not pairs:
+    raise ValueError(
+        f'no test example holds generation.prompt_tokens={g.prompt_tokens} '
+        f'+ generation.new_tokens={g.new_tokens} tokens: lower them')
+  width = max(len(p) for _, p, _ in pairs)
+  new = max(len(r) for _, _, r in pairs)
+  hyps, timed = [], []  # timed: (seconds, tokens made) per batch
+  key = jax.random.key(g.seed)
+  for start in range(0, len(pairs), g.batch_size):
+    chunk = pairs[start:start + g.batch_size]
+    prompts = np.zeros((len(chunk), width), np.int32)
+    for row, (_, p, _) in enumerate(chunk):
+      prompts[row, :len(p)] = p
+    lengths = np.asarray([len(p) for _, p, _ in chunk], np.int32)
+    key, draw = jax.random.split(key)
+    t0 = time.time()
+    out = generate(model, prompts, lengths, new,
+                   attention_rng=trainer.eval_key, rng=draw,
+                   temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
+    tokens = np.asarray(out['tokens'])
+    timed.append((time.time() - t0, tokens.size))
+    hyps += [row[:len(r)] for row, (_, _, r) in zip(tokens, chunk)]
+  refs = [r for _, _, r in pairs]
+  hyp_text = [task.as_text(h) for h in hyps]
+  ref_text = [task.as_text(r) for r in refs]
+  scores = metrics_lib.generation_scores(
+      hyp_text, ref_text, hypothesis_tokens=hyps, reference_tokens=refs,
+      exact_tokens=g.exact_match_tokens)
+  # The first batch's time includes compiling: the rate is the others'.
+  later = timed[1:]
+  rate = (sum(n for _, n in later) / sum(s for s, _ in later) if later
+          else None)
+  spec = model.encoder.blocks[0].attn.spec
+  block = {'num_prompts': len(pairs), 'prompt_tokens': width,
+           'new_tokens': new, 'temperature': g.temperature,
+           'top_k': g.top_k, 'top_p': g.top_p,
+           'exact_match_tokens': g.exact_match_tokens or new,
+           'decoding': decoding(spec), 'best_step': best_step,
+           'tokens_per_sec': rate, **scores}
+  lines = [{'index': i, 'prompt': task.as_text(p), 'reference': ref,
+            'generated': hyp}
+           for (i, p, _), ref, hyp in zip(pairs, ref_text, hyp_text)]
+  path = os.path.join(workdir, 'generations.jsonl')
+  with writer_lib.atomic_path(path) as tmp:
+    with open(tmp, 'w') as f:
+      f.writelines(json.dumps(line) + '\n' for line in lines)
+  results_path = os.path.join(workdir, 'results.json')
+  results = writer_lib.read_json_object(results_path, "this run's results")
+  results['metrics']['test']['generation'] = block
+  writer_lib.write_json_atomic(results_path, results)
+  print(f'generation: {len(pairs)} test prompts, BLEU {scores["bleu"]:.2f}, '
+        f'chrF {scores["chrf"]:.2f}, ROUGE-L {scores["rougeL"]:.2f}, exact '
+        f'match {scores["exact_match"]:.1f}%; samples in {path}')
+  return block
+
+
+def check_config(g) -> None:
+  """ValueError naming the generation field for impossible values."""
+  for name in ('num_prompts', 'prompt_tokens', 'new_tokens',
+               'exact_match_tokens', 'seed'):
+    if g[name] < 0:
+      raise ValueError(f'generation.{name}={g[name]} must be >= 0')
+  if g.batch_size < 1:
+    raise ValueError(f'generation.batch_size={g.batch_size} must be >= 1')

@@ -62,7 +62,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import nnx
 from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
 
@@ -335,17 +334,6 @@ def _check_length(n, cfg, num_heads):
         'per layer and example at this length): raise it if that fits')
 
 
-def _best_model(trainer, workdir):
-  """(the model at the run's best checkpoint, that step)."""
-  _, meta = trainer.restore()
-  if meta['best_step'] < 0:
-    raise ValueError(f'--workdir={workdir} has no validated checkpoint yet: '
-                     'train until its first evaluation (train.eval_every)')
-  state, _ = trainer.ckpts.restore_best(trainer.state, meta['best_step'])
-  model, _ = nnx.merge(trainer.setup.graphdef, state)
-  return model, meta['best_step']
-
-
 def _maps_fn(model, trainer):
   """document (tokens [n], length) -> (its maps [layers, heads, length,
   length], {component: [layers, heads, length] the mass each row puts on
@@ -389,7 +377,7 @@ def _run(cfg, config, workdir, trainer):
   if examples is None:
     raise ValueError('--config.examples is empty: give example indices, '
                      'e.g. 0,1')
-  model, best_step = _best_model(trainer, workdir)
+  model, best_step = trainer.best_model()
   document_maps = _maps_fn(model, trainer)
   out_dir = cfg.out_dir or os.path.join(workdir, 'maps')
   trainer_lib.prepare_dir(out_dir, '--config.out_dir')
@@ -530,7 +518,7 @@ def sweep(cfg, sweep_dir: str) -> dict:
         _check_length(task.seq_len, cfg, model_cfg.num_heads)
         source = task.source(cfg.split)
         parse_indices(str(index), 'examples', len(source))
-        model, best_step = _best_model(trainer, run_dir)
+        model, best_step = trainer.best_model()
         suffix, tokens, length = _documents(source[index], task.head)[0]
         every, part_rows = _maps_fn(model, trainer)(tokens, length)
       finally:

@@ -32,6 +32,15 @@ class Task:
   # token id -> a short label for pictures (--mode=visualize); None when the
   # tokens are not worth reading one by one (pixels)
   token_name: Callable[[int], str] | None = None
+  # token ids -> text for generation metrics (BLEU, ROUGE); None: the
+  # tokens' names joined by spaces (copy's symbols as words)
+  text: Callable[[Sequence[int]], str] | None = None
+
+  def as_text(self, tokens: Sequence[int]) -> str:
+    if self.text is not None:
+      return self.text(tokens)
+    name = self.token_name or str
+    return ' '.join(name(int(t)) for t in tokens)
 
   def source(self, split: str):
     if split not in SPLITS:

@@ -253,7 +253,7 @@ def make(task_config, data_dir: str) -> base.Task:
   return base.Task(
       name=task_config.name, vocab_size=VOCAB_SIZE, seq_len=seq_len,
       num_classes=VOCAB_SIZE, head='lm', causal=True, sources=sources,
-      token_name=token_name)
+      token_name=token_name, text=decode)
 
 
 def decode(tokens: Sequence[int]) -> str:

@@ -2,6 +2,8 @@
 
 Classification: accuracy, per-class and macro precision/recall/F1, confusion
 matrix. Per-position tasks (MQAR, copy): accuracy over scored positions only.
+Generation: BLEU and chrF (sacrebleu), ROUGE-1/2/L (rouge-score), exact
+match, imported when used.
 Conventions for degenerate classes: a class never predicted has precision 0;
 a class absent from the labels has recall 0; F1 is 0 when precision + recall
 is 0. Macro averages run over every class in [0, num_classes).
@@ -64,3 +66,38 @@ def position_accuracy(targets, predictions, weights) -> dict:
   return {'accuracy': correct / n if n else 0.0,
           'sequence_accuracy': float(per_seq.mean()) if per_seq.size else 0.0,
           'num_positions': n}
+
+
+def generation_scores(hypotheses, references, *, hypothesis_tokens=None,
+                      reference_tokens=None, exact_tokens: int = 0) -> dict:
+  """Scores of generated texts against references, in percent.
+
+  hypotheses: [str]; references: [str] (one per hypothesis) or [[str]]
+  (reference streams, each as long as hypotheses, as sacrebleu takes
+  them). bleu and chrf: sacrebleu's corpus BLEU and chrF with its
+  defaults (13a tokenisation, chrF2); rouge1, rouge2, rougeL: the mean
+  F-measure of rouge-score's ROUGE-1/2/L against the first reference
+  stream (its default tokeniser: lower-cased alphanumeric words, no
+  stemming); exact_match, when token ids are given: the share of rows whose
+  first `exact_tokens` generated tokens (0: all of the reference) equal the
+  reference's.
+  """
+  import sacrebleu
+  from rouge_score import rouge_scorer
+  streams = ([list(references)] if references and isinstance(references[0],
+                                                             str)
+             else [list(r) for r in references])
+  out = {'bleu': sacrebleu.corpus_bleu(list(hypotheses), streams).score,
+         'chrf': sacrebleu.corpus_chrf(list(hypotheses), streams).score}
+  scorer = rouge_scorer.RougeScorer(['rouge1', 'rouge2', 'rougeL'])
+  rouge = [scorer.score(ref, hyp) for ref, hyp in zip(streams[0], hypotheses)]
+  for name in ('rouge1', 'rouge2', 'rougeL'):
+    out[name] = 100.0 * float(np.mean([r[name].fmeasure for r in rouge])
+                              if rouge else 0.0)
+  if hypothesis_tokens is not None:
+    same = []
+    for hyp, ref in zip(hypothesis_tokens, reference_tokens):
+      k = exact_tokens or len(ref)
+      same.append(list(hyp[:k]) == list(ref[:k]))
+    out['exact_match'] = 100.0 * float(np.mean(same)) if same else 0.0
+  return out

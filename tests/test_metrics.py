@@ -54,3 +54,42 @@ def test_position_accuracy_counts_only_scored_positions():
   assert m['num_positions'] == 4
   assert m['accuracy'] == pytest.approx(3 / 4)
   assert m['sequence_accuracy'] == pytest.approx(0.5)
+
+
+def test_generation_scores_reproduce_the_libraries_documented_examples():
+  # sacrebleu's README: this system and these two reference streams give
+  # "BLEU = 48.53 ..." and "chrF2 = 59.73".
+  refs = [['The dog bit the man.', 'It was not unexpected.',
+           'The man bit him first.'],
+          ['The dog had bit the man.', 'No one was surprised.',
+           'The man had bitten the dog.']]
+  hyps = ['The dog bit the man.', "It wasn't surprising.",
+          'The man had just bitten him.']
+  s = metrics.generation_scores(hyps, refs)
+  assert s['bleu'] == pytest.approx(48.53, abs=0.005)
+  assert s['chrf'] == pytest.approx(59.73, abs=0.005)
+  assert 'exact_match' not in s
+  # rouge-score's README pair, by hand: 'the quick brown dog jumps on the
+  # log' (8 words) against 'the quick brown fox jumps over the lazy dog'
+  # (9): 6 shared words, 2 shared bigrams of 7 and 8, an LCS of 5.
+  s = metrics.generation_scores(
+      ['The quick brown dog jumps on the log.'],
+      ['The quick brown fox jumps over the lazy dog'])
+  f = lambda p, r: 100 * 2 * p * r / (p + r)
+  assert s['rouge1'] == pytest.approx(f(6 / 8, 6 / 9))
+  assert s['rouge2'] == pytest.approx(f(2 / 7, 2 / 8))
+  assert s['rougeL'] == pytest.approx(f(5 / 8, 5 / 9))
+
+
+def test_exact_match_of_the_first_tokens():
+  s = metrics.generation_scores(
+      ['a b', 'a c', 'x y'], ['a b', 'a b', 'a b'],
+      hypothesis_tokens=[[1, 2], [1, 3], [7, 8]],
+      reference_tokens=[[1, 2], [1, 2], [1, 2]], exact_tokens=1)
+  assert s['exact_match'] == pytest.approx(200 / 3)
+  s = metrics.generation_scores(
+      ['a b', 'a c'], ['a b', 'a b'], hypothesis_tokens=[[1, 2], [1, 3]],
+      reference_tokens=[[1, 2], [1, 2]])  # 0: the whole reference
+  assert s['exact_match'] == 50.0
+  assert s['bleu'] == pytest.approx(
+      metrics.generation_scores(['a b', 'a c'], ['a b', 'a b'])['bleu'])

@@ -44,6 +44,8 @@ from utils import paths
 RUN_CONTROL_FIELDS = ('data_dir', 'train.log_every', 'train.checkpoint_every',
                       'train.eval_batch_size', 'train.grad_accum_steps',
                       'attention.implementation')
+# Blocks read only after training: what to generate and score at the end.
+RUN_CONTROL_BLOCKS = ('generation.',)
 
 CORRUPT_DIR = 'corrupt'
 
@@ -57,7 +59,8 @@ def config_differences(old: dict, new: dict) -> list[str]:
   a, b = paths.flatten(old), paths.flatten(new)
   keys = sorted(set(a) | set(b))
   return [f'{k}: {a.get(k, "<absent>")!r} -> {b.get(k, "<absent>")!r}'
-          for k in keys if k not in RUN_CONTROL_FIELDS and a.get(k) != b.get(k)]
+          for k in keys if k not in RUN_CONTROL_FIELDS
+          and not k.startswith(RUN_CONTROL_BLOCKS) and a.get(k) != b.get(k)]
 
 
 def _step_dirs(directory: str) -> list[str]:

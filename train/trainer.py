@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import attention_variants as av
@@ -257,6 +258,18 @@ class Trainer:
     self.state = jax.device_put(state, self.replicated)
     logging.info('resumed from step %d', meta['step'])
     return meta['step'], meta
+
+  def best_model(self):
+    """(the model at the run's best checkpoint, that step); ValueError when
+    the run has not been validated yet."""
+    _, meta = self.restore()
+    if meta['best_step'] < 0:
+      raise ValueError(f'--workdir={self.workdir} has no validated checkpoint '
+                       'yet: train until its first evaluation '
+                       '(train.eval_every)')
+    state, _ = self.ckpts.restore_best(self.state, meta['best_step'])
+    model, _ = nnx.merge(self.setup.graphdef, state)
+    return model, meta['best_step']
 
   def _on_sigterm(self, signum, frame):
     del signum, frame
