@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attention_variants import blocksparse
+from attention_variants import full
 from attention_variants import masks
 from attention_variants.blocksparse import (Looped, all_parts, as_pos,
                                             block_ids, for_allowed, key_layout,
@@ -174,3 +175,76 @@ def _bigbird_segments(f, params, causal):
 
 attend, weights, weight_parts = blocksparse.variant(_bigbird_segments,
                                                    check_params)
+
+
+def decode_init(params, *, batch, max_len, num_heads, num_kv_heads, head_dim,
+                dtype, rng=None, learned=None):
+  """Decoding state: the key/value cache (full's); a step reads only the
+  blocks of the query's causal pattern, for the block count of length
+  max_len (the forward pass's pattern at that length)."""
+  check_params(params)
+  return full.decode_init(params, batch=batch, max_len=max_len,
+                          num_heads=num_heads, num_kv_heads=num_kv_heads,
+                          head_dim=head_dim, dtype=dtype)
+
+
+def pattern_positions(pos, params, *, heads: int, max_len: int):
+  """int [heads, t]: the key positions a middle block's query at `pos`
+  sees under the causal pattern (< 0: unused slot): its window blocks a - 1
+  (when not global) and a up to pos, the leading global blocks, and its
+  random blocks before a; t = (2 + leading globals + r) b."""
+  b = min(params['block_size'], max_len)
+  nb = masks.ceil_div(max_len, b)
+  front, back = global_blocks(params['num_global'], nb)
+  a = pos // b
+  slot = jnp.arange(b)
+  window = jnp.concatenate([jnp.where(a - 1 >= front, (a - 1) * b + slot, -1),
+                            jnp.where(a * b + slot <= pos, a * b + slot, -1)])
+  parts = [jnp.broadcast_to(window, (heads, 2 * b))]
+  if front:
+    parts.append(jnp.broadcast_to(jnp.arange(front * b), (heads, front * b)))
+  if params['num_random'] and nb - back > front:
+    ids, valid = random_blocks(params['seed'], heads, nb,
+                               params['num_global'], params['num_random'])
+    row = jnp.clip(a - front, 0, ids.shape[1] - 1)
+    picked = jnp.asarray(ids)[:, row]                      # [heads, r]
+    ok = jnp.asarray(valid)[:, row] & (picked < a)         # causal: before a
+    blocks = jnp.where(ok, picked, -1)
+    parts.append(jnp.where(blocks[..., None] >= 0,
+                           blocks[..., None] * b + slot, -1).reshape(
+                               heads, -1))
+  return jnp.concatenate(parts, axis=1)
+
+
+def decode_step(q, k, v, state, pos, params):
+  """(output [b, h, d] float32, state) of the token at `pos`: cached, then
+  a global block's query attends to every earlier key (as in the forward
+  pass) and a middle block's to the positions of its pattern, gathered per
+  head from the cache (its random blocks differ by head)."""
+  ks, vs = (masks.cache_write(state[n], x, pos) for n, x in (('k', k),
+                                                              ('v', v)))
+  heads, d = q.shape[1:]
+  n = ks.shape[1]
+  kv_heads = ks.shape[2]
+  b = min(params['block_size'], n)
+  nb = masks.ceil_div(n, b)
+  front, back = global_blocks(params['num_global'], nb)
+  a = pos // b
+
+  def every_earlier_key():
+    visible = (jnp.arange(n) <= pos)[None, None]
+    return masks.token_attention(q, ks, vs, visible)
+
+  def its_pattern():
+    seen = pattern_positions(pos, params, heads=heads, max_len=n)  # [h, t]
+    kv_of = (jnp.arange(heads) // (heads // kv_heads))[:, None]
+    rows = jnp.clip(seen, 0, n - 1)
+    kh, vh = ks[:, rows, kv_of], vs[:, rows, kv_of]           # [b, h, t, d]
+    s = jnp.einsum('bhd,bhtd->bht', q, kh,
+                   preferred_element_type=jnp.float32)
+    p = masks.masked_softmax(s * masks.default_scale(d), (seen >= 0)[None])
+    return jnp.einsum('bht,bhtd->bhd', p, vh.astype(jnp.float32))
+
+  is_global = (a < front) | (a >= nb - back)
+  out = jax.lax.cond(is_global, every_earlier_key, its_pattern)
+  return out, {'k': ks, 'v': vs}

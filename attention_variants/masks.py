@@ -287,3 +287,9 @@ def cache_write(cache, x, slot):
   scalar) of axis 1."""
   return jax.lax.dynamic_update_slice_in_dim(cache, x[:, None].astype(
       cache.dtype), slot, axis=1)
+
+
+def gather_positions(cache, positions):
+  """cache [b, t, kv_heads, d] at positions int [n] (clipped into range;
+  the caller masks the ones it clipped) -> [b, n, kv_heads, d]."""
+  return jnp.take(cache, jnp.clip(positions, 0, cache.shape[1] - 1), axis=1)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attention_variants import blocksparse
+from attention_variants import full
 from attention_variants import masks
 from attention_variants.blocksparse import (Looped, all_parts, as_mask, as_pos,
                                             for_allowed, key_layout, positions,
@@ -123,3 +124,45 @@ def _sparse_segments(f, params, causal):
 
 attend, weights, weight_parts = blocksparse.variant(_sparse_segments,
                                                    check_params)
+
+
+def decode_init(params, *, batch, max_len, num_heads, num_kv_heads, head_dim,
+                dtype, rng=None, learned=None):
+  """Decoding state: the key/value cache (full's); a step reads only the
+  positions of the query's pattern from it."""
+  check_params(params)
+  return full.decode_init(params, batch=batch, max_len=max_len,
+                          num_heads=num_heads, num_kv_heads=num_kv_heads,
+                          head_dim=head_dim, dtype=dtype)
+
+
+def pattern_positions(pos, params, max_len: int):
+  """int [t]: the key positions the causal pattern shows the query at
+  `pos` (entries < 0 are unused slots), t = O(l + N / l) (strided) or
+  O(l + N c / l) (fixed), for the block l = min(block_size, max_len) the
+  forward pass uses at length max_len."""
+  l = min(params['block_size'], max_len)
+  blocks = masks.ceil_div(max_len, l)
+  if params['pattern'] == 'strided':
+    window = pos - jnp.arange(l + 1)                 # |i - j| <= l
+    columns = pos - l * jnp.arange(2, blocks + 1)    # every l-th further out
+    return jnp.concatenate([window, columns])
+  c = min(params['num_summary'], l)
+  first = (pos // l) * l
+  own = first + jnp.arange(l)                        # the own block, <= pos
+  own = jnp.where(own <= pos, own, -1)
+  summary = (jnp.arange(blocks)[:, None] * l + jnp.arange(l - c, l)).reshape(-1)
+  summary = jnp.where(summary < first, summary, -1)  # earlier blocks only
+  return jnp.concatenate([own, summary])
+
+
+def decode_step(q, k, v, state, pos, params):
+  """(output [b, h, d] float32, state) of the token at `pos`: cached, then
+  attending to the keys of its pattern only, gathered from the cache."""
+  ks, vs = (masks.cache_write(state[n], x, pos) for n, x in (('k', k),
+                                                              ('v', v)))
+  seen = pattern_positions(pos, params, ks.shape[1])
+  out = masks.token_attention(q, masks.gather_positions(ks, seen),
+                              masks.gather_positions(vs, seen),
+                              (seen >= 0)[None, None])
+  return out, {'k': ks, 'v': vs}

@@ -19,13 +19,14 @@ does not depend on the others, tested).
 How each step is computed:
   decoded   kinds with a decoding state (av.can_decode: full and blockwise's
             key/value cache, local's and longformer's ring buffer of the
-            window, linear's and performer's recurrent state): the token's
-            row from the state, O(what the kind sees) per token; the state
-            is built token by token over the prompt too.
-  recompute every other kind (lsh, sinkhorn, synthesizer; and sparse and
-            bigbird until they decode): the evaluation forward pass over the
-            whole buffer with every row's length set to p + 1, read at p;
-            O(forward) per token. This is the model applied to the prefix,
+            window, linear's and performer's recurrent state, sparse's and
+            bigbird's cache read only at the positions of their causal
+            pattern): the token's row from the state, O(what the kind
+            sees) per token; the state is built token by token over the
+            prompt too.
+  recompute every other kind (lsh, sinkhorn, synthesizer): the evaluation
+            forward pass over the whole buffer with every row's length set
+            to p + 1, read at p; O(forward) per token. This is the model applied to the prefix,
             never a different model; for lsh it differs from the forward
             over a longer sequence at the same position, because there
             later tokens take chunk slots that earlier queries see (its

@@ -15,15 +15,20 @@ from train import step
 
 N, VOCAB = 12, 11
 
-# kind -> hyperparameters small enough that N = 12 exercises the pattern.
-DECODABLE = {
-    'full': {},
-    'blockwise': {'q_block': 4, 'kv_block': 4},
-    'local': {'window': 3},
-    'longformer': {'window': 2, 'num_global': 2, 'block': 4},
-    'linear': {'chunk': 4},
-    'performer': {'num_features': 16, 'chunk': 4},
-}
+# (kind, hyperparameters small enough that N = 12 exercises the pattern).
+CASES = [
+    ('full', {}),
+    ('blockwise', {'q_block': 4, 'kv_block': 4}),
+    ('local', {'window': 3}),
+    ('longformer', {'window': 2, 'num_global': 2, 'block': 4}),
+    ('linear', {'chunk': 4}),
+    ('performer', {'num_features': 16, 'chunk': 4}),
+    ('sparse', {'pattern': 'strided', 'block_size': 3}),
+    ('sparse', {'pattern': 'fixed', 'block_size': 4, 'num_summary': 2}),
+    ('bigbird', {'block_size': 2, 'num_global': 2, 'num_random': 2,
+                 'seed': 3}),
+]
+DECODABLE = dict(CASES)  # one setting per kind where states are sized
 
 
 def _model(kind, num_kv_heads=0, **spec):
@@ -54,12 +59,14 @@ def _forward_and_decode(model, inputs, lengths, key):
 
 # Every kind with 4 heads; GQA (2 kv heads) for a cache, a ring and a
 # recurrent state.
-@pytest.mark.parametrize('kind,kv_heads', [(kind, 0) for kind in DECODABLE]
-                         + [('full', 2), ('longformer', 2),
-                            ('performer', 2)])
-def test_decoding_equals_the_causal_forward(kind, kv_heads):
+@pytest.mark.parametrize('kind,spec,kv_heads', [
+    (kind, spec, 0) for kind, spec in CASES] + [
+        ('full', {}, 2), ('longformer', DECODABLE['longformer'], 2),
+        ('performer', DECODABLE['performer'], 2),
+        ('bigbird', DECODABLE['bigbird'], 2)])
+def test_decoding_equals_the_causal_forward(kind, spec, kv_heads):
   assert av.can_decode({'kind': kind})
-  model = _model(kind, kv_heads, **DECODABLE[kind])
+  model = _model(kind, kv_heads, **spec)
   rng = np.random.default_rng(0)
   inputs = jnp.asarray(rng.integers(1, VOCAB, (2, N)), jnp.int32)
   lengths = jnp.asarray([N, 7])    # the second row is padded after 7
@@ -87,3 +94,23 @@ def test_kinds_without_a_decoding_state_say_so():
   for kind in ('lsh', 'sinkhorn', 'synthesizer', 'linformer',
                'nystromformer'):
     assert not av.can_decode({'kind': kind}), kind
+
+
+def test_sparse_steps_read_their_pattern_not_the_cache():
+  """A step gathers O(l + N / l) (strided), O(l + N c / l) (fixed) or
+  O((2 + g + r) b) (bigbird) cached keys at N = 4096, not N."""
+  from attention_variants import bigbird, sparse
+  n, pos = 4096, jnp.int32(3000)
+  strided = sparse.pattern_positions(
+      pos, {'pattern': 'strided', 'block_size': 64, 'num_summary': 8}, n)
+  fixed = sparse.pattern_positions(
+      pos, {'pattern': 'fixed', 'block_size': 64, 'num_summary': 2}, n)
+  big = bigbird.pattern_positions(
+      pos, {'block_size': 64, 'num_global': 2, 'num_random': 3, 'seed': 0},
+      heads=2, max_len=n)
+  assert strided.shape == (65 + 63,) and fixed.shape == (64 + 128,)
+  assert big.shape == (2, (2 + 1 + 3) * 64)
+  # Every slot in use is a distinct earlier position.
+  for seen in (strided, fixed, big[0], big[1]):
+    used = np.asarray(seen)[np.asarray(seen) >= 0]
+    assert len(set(used.tolist())) == len(used) and used.max() <= 3000
