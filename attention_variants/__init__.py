@@ -203,6 +203,13 @@ def attention_parts(q, k, v, spec, *, causal=False, q_lengths=None,
                **_learned_kw(variant, spec['kind'], learned))
 
 
+def supports_causal(spec: Mapping) -> bool:
+  """Whether the kind has a causal form (linformer and nystromformer, whose
+  modules set CAUSAL = False, mix future tokens into every row)."""
+  variant, _, _ = resolve(spec)
+  return getattr(variant, 'CAUSAL', True)
+
+
 def can_decode(spec: Mapping) -> bool:
   """Whether the kind decodes one token at a time from a state
   (`decode_init`, `decode_step`); generation falls back to recomputing the

@@ -50,8 +50,9 @@ def decode_init(params, *, batch, max_len, num_heads, num_kv_heads,
                 head_dim, dtype, rng=None, learned=None):
   """Decoding state: a key/value cache of max_len positions per row."""
   del params, num_heads, rng, learned
-  zeros = jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype)
-  return {'k': zeros, 'v': zeros}
+  # Two buffers, not one shared: a state can be donated.
+  shape = (batch, max_len, num_kv_heads, head_dim)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
 
 
 def decode_step(q, k, v, state, pos, params):

@@ -92,6 +92,9 @@ def check_params(params):
       raise ValueError(f'attention.linformer.{name}={params[name]!r} is '
                        'invalid: must be True or False')
 
+# No causal form (av.supports_causal).
+CAUSAL = False
+
 
 def _check_causal(causal):
   if causal:

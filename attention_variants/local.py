@@ -163,8 +163,9 @@ def decode_init(params, *, batch, max_len, num_heads, num_kv_heads, head_dim,
 
 def ring_init(batch, slots, num_kv_heads, head_dim, dtype):
   """An empty ring buffer of `slots` keys and values per row."""
-  zeros = jnp.zeros((batch, slots, num_kv_heads, head_dim), dtype)
-  return {'k': zeros, 'v': zeros, 'pos': jnp.full((slots,), -1, jnp.int32)}
+  shape = (batch, slots, num_kv_heads, head_dim)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype),
+          'pos': jnp.full((slots,), -1, jnp.int32)}
 
 
 def ring_write(state, k, v, pos):

@@ -218,11 +218,12 @@ def decode_init(params, *, batch, max_len, num_heads, num_kv_heads, head_dim,
   memory O(window + num_global), not O(max_len)."""
   check_params(params)
   g = min(params['num_global'], max_len)
-  zeros = jnp.zeros((batch, max(g, 1), num_kv_heads, head_dim), dtype)
+  shape = (batch, max(g, 1), num_kv_heads, head_dim)
   del num_heads, rng, learned
   ring = local.ring_init(batch, min(params['window'], max_len) + 1,
                          num_kv_heads, head_dim, dtype)
-  return {'global_k': zeros, 'global_v': zeros, 'ring': ring}
+  return {'global_k': jnp.zeros(shape, dtype),
+          'global_v': jnp.zeros(shape, dtype), 'ring': ring}
 
 
 def decode_step(q, k, v, state, pos, params):

@@ -172,6 +172,9 @@ def conv_matrix(w, n: int):
   inside = (tap >= 0) & (tap < taps)
   return jnp.where(inside, w[:, jnp.clip(tap, 0, taps - 1)], 0.0)
 
+# No causal form (av.supports_causal).
+CAUSAL = False
+
 
 def _check_causal(causal):
   if causal:

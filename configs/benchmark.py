@@ -7,7 +7,9 @@ peak memory off the compiled executables, and sets each kind beside its
 peer jax.nn.dot_product_attention measured in the same process (plain, and
 with local_window_size for `local`). Presets: cpu (default: 1K..16K, batch
 1, 4 heads, head dim 64, float32), smoke (tests), gpu (bfloat16, longer
-sequences).
+sequences), decode (the decode table at the cpu sizes: per-token time and
+state bytes of every causal kind against context length, beside
+recomputing the prefix).
 """
 import ml_collections
 
@@ -26,6 +28,13 @@ def _cpu(c):
   del c  # the defaults are the CPU benchmark
 
 
+def _decode(c):
+  # The decode table: one generated token per causal kind against context
+  # length, beside recomputing the prefix (evaluate/benchmark.py).
+  c.passes = 'decode'
+  c.causal = True
+
+
 def _gpu(c):
   c.lengths = '1024,2048,4096,8192,16384,32768'
   c.dtype = 'bfloat16'
@@ -38,7 +47,10 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.kinds = ','.join(av.KINDS)    # comma-separated kinds to measure
   c.lengths = '1024,2048,4096,8192,16384'  # sequence lengths, comma-separated
-  c.passes = 'forward,forward_backward'    # which passes to time
+  # which passes to time: forward, forward_backward, and decode (one
+  # generated token from the kind's decoding state, beside recomputing the
+  # prefix; causal kinds)
+  c.passes = 'forward,forward_backward'
   c.batch_size = 1                # batch
   c.heads = 4                     # query heads (= kv heads)
   c.head_dim = 64                 # head dimension
@@ -58,4 +70,5 @@ def get_config(arg=None):
   # (e.g. attention.local.window) override the variants' defaults.
   c.attention = default.base().attention
   return default.with_preset(c, arg, {'smoke': _smoke, 'cpu': _cpu,
-                                      'gpu': _gpu}, default='cpu')
+                                      'gpu': _gpu, 'decode': _decode},
+                             default='cpu')

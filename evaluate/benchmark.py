@@ -9,6 +9,16 @@ kind, and dot_product_attention(local_window_size=w) for `local`. A cell
 whose compiled peak would not fit in memory is reported, not run.
 Writes benchmark.json and benchmark.md to the workdir after every cell
 (`complete` false until the last) and prints the table.
+
+The `decode` pass (configs/benchmark.py: --config.passes=decode) is the
+decode table: for every causal kind and context length N, the time of one
+generated token from the kind's decoding state (av.decode_step at position
+N - 1 of a state made for N positions, the state donated so a cache is
+updated in place) and the state's bytes, beside its peer measured in the
+same run: recomputing the prefix, the causal forward pass over N tokens
+that generation otherwise runs per token (evaluate/generate.py). Kinds
+without a decoding state get the recompute time only; bidirectional-only
+kinds are skipped. The exponent of time against N is fitted over 1K..16K.
 """
 from __future__ import annotations
 
@@ -118,6 +128,77 @@ def measure(config, name, fn, pass_name, n, implementation, spec=None):
   return row
 
 
+def measure_decode(config, name, spec, n):
+  """One decode-table row: the kind's per-token time and state bytes at
+  context n, and the time of recomputing the prefix (its causal forward
+  over n tokens)."""
+  dtype = jnp.dtype(config.dtype)
+  keys = jax.random.split(jax.random.key(config.seed), 4)
+  b, h, d = config.batch_size, config.heads, config.head_dim
+  row = {'kind': name, 'length': n, 'pass': 'decode',
+         'implementation': spec['implementation']}
+  if not av.supports_causal(spec):
+    return {**row, 'status': 'bidirectional only'}
+  learned = None
+  if av.owns_parameters(spec):
+    learned = av.init_learned(spec, keys[3], num_heads=h, num_kv_heads=h,
+                              head_dim=d, max_len=n)
+  rng = jax.random.key(config.seed)
+  prefix = [jax.random.normal(key, (b, n, h, d), dtype) for key in keys[:3]]
+  recompute = jax.jit(lambda q, k, v: av.attend(
+      q, k, v, spec, causal=True, rng=rng, learned=learned)).lower(
+          *prefix).compile()
+  row['recompute_s'] = _median_seconds(recompute, prefix, config.warmup,
+                                       config.repeats, config.min_time_s)
+  if not av.can_decode(spec):
+    row['status'] = 'no decoding state (recomputes)'
+    return row
+  state = av.decode_init(spec, batch=b, max_len=n, num_heads=h,
+                         num_kv_heads=h, head_dim=d, dtype=dtype, rng=rng,
+                         learned=learned)
+  row['state_bytes'] = int(sum(x.size * x.dtype.itemsize
+                               for x in jax.tree.leaves(state)))
+  token = [x[:, -1] for x in prefix]
+  pos = jnp.int32(n - 1)
+  step = jax.jit(lambda q, k, v, state, pos: av.decode_step(
+      q, k, v, state, pos, spec), donate_argnums=3)
+  compiled = step.lower(*token, state, pos).compile()
+  holder = [state]
+
+  def one(*_):  # the state is donated: each call takes the last one's
+    out, holder[0] = compiled(*token, holder[0], pos)
+    return out
+  row['time_s'] = _median_seconds(one, (), config.warmup, config.repeats,
+                                  config.min_time_s)
+  row['status'] = 'ok'
+  return row
+
+
+def decode_markdown(rows) -> str:
+  """The decode table: per-token time, state bytes, and the speed-up over
+  recomputing the prefix; then each kind's exponent over 1K..16K."""
+  lines = ['| kind | context | decode (ms/token) | state | recompute '
+           '(ms/token) | speed-up | status |', '|---|---|---|---|---|---|---|']
+  kinds = []
+  for r in rows:
+    if r['pass'] != 'decode':
+      continue
+    kinds += [r['kind']] if r['kind'] not in kinds else []
+    t = f'{1e3 * r["time_s"]:.3f}' if 'time_s' in r else '-'
+    re = f'{1e3 * r["recompute_s"]:.2f}' if 'recompute_s' in r else '-'
+    up = (f'{r["recompute_s"] / r["time_s"]:.0f}x'
+          if 'time_s' in r and 'recompute_s' in r else '-')
+    lines.append(f'| {r["kind"]} | {r["length"]} | {t} | '
+                 f'{_fmt_bytes(r.get("state_bytes"))} | {re} | {up} | '
+                 f'{r["status"]} |')
+  lines += ['', '| kind | decode time exponent (1K..16K) |', '|---|---|']
+  for name in kinds:
+    e = scaling_exponent(rows, name, 'decode', lo=1024)
+    if e is not None:
+      lines.append(f'| {name} | {e:.2f} |')
+  return '\n'.join(lines)
+
+
 def scaling_exponent(rows, name, pass_name, lo=2048, hi=16384):
   """Slope of log(time) against log(length) over lengths in [lo, hi]."""
   pts = [(r['length'], r['time_s']) for r in rows
@@ -134,7 +215,12 @@ def _fmt_bytes(b):
 
 
 def markdown(rows, fns) -> str:
-  """Table: time, peak memory, and ratios to the kind's peer."""
+  """Table: time, peak memory, and ratios to the kind's peer; then the
+  decode table when decode rows were measured."""
+  decode = [r for r in rows if r['pass'] == 'decode']
+  rows = [r for r in rows if r['pass'] != 'decode']
+  if not rows:
+    return decode_markdown(decode)
   by = {(r['kind'], r['length'], r['pass']): r for r in rows}
   lines = ['| kind | length | pass | time (ms) | peak memory | vs peer: speed-up '
            '| vs peer: memory saving | status |',
@@ -157,6 +243,8 @@ def markdown(rows, fns) -> str:
       e = scaling_exponent(rows, name, pass_name)
       if e is not None:
         lines.append(f'| {name} | {pass_name} | {e:.2f} |')
+  if decode:
+    lines += ['', decode_markdown(decode)]
   return '\n'.join(lines)
 
 
@@ -167,12 +255,15 @@ def run(config, workdir: str) -> dict:
   fns = _functions(config, spec)
   lengths = [int(n) for n in names(config.lengths)]
   passes = names(config.passes)
-  bad = set(passes) - {'forward', 'forward_backward'}
+  bad = set(passes) - {'forward', 'forward_backward', 'decode'}
   if bad or not lengths or min(lengths) < 1:
-    raise ValueError(f'benchmark passes must be forward/forward_backward and '
-                     f'lengths positive; got passes={config.passes!r}, '
-                     f'lengths={config.lengths!r}')
-  rows, total = [], len(fns) * len(lengths) * len(passes)
+    raise ValueError(f'benchmark passes must be forward, forward_backward or '
+                     f'decode and lengths positive; got passes='
+                     f'{config.passes!r}, lengths={config.lengths!r}')
+  # The decode pass measures the kinds (its peer is their own recompute).
+  cells = [(name, pass_name) for name in fns for pass_name in passes
+           if pass_name != 'decode' or fns[name][3] is not None]
+  rows, total = [], len(cells) * len(lengths)
   code = provenance.code_version()
 
   def write(complete: bool) -> dict:
@@ -184,8 +275,9 @@ def run(config, workdir: str) -> dict:
               'head_dim': config.head_dim, 'causal': config.causal,
               'attention': spec, 'code': code, 'complete': complete,
               'rows': rows,
-              'exponents': {f'{n}/{p}': scaling_exponent(rows, n, p)
-                            for n in fns for p in passes}}
+              'exponents': {f'{n}/{p}': scaling_exponent(
+                  rows, n, p, lo=1024 if p == 'decode' else 2048)
+                            for n, p in cells}}
     writer_lib.write_json_atomic(os.path.join(workdir, 'benchmark.json'),
                                  result)
     writer_lib.write_text_atomic(os.path.join(workdir, 'benchmark.md'),
@@ -199,7 +291,11 @@ def run(config, workdir: str) -> dict:
           jnp.zeros((1, 1, 1, config.head_dim), config.dtype), impl)
     for n in lengths:
       for pass_name in passes:
-        row = measure(config, name, fn, pass_name, n, impl, kind_spec)
+        if (name, pass_name) not in cells:
+          continue
+        row = (measure_decode(config, name, kind_spec, n)
+               if pass_name == 'decode' else
+               measure(config, name, fn, pass_name, n, impl, kind_spec))
         rows.append(row)
         logging.info('[%d/%d] %s N=%d %s: %s', len(rows), total, name, n,
                      pass_name, f'{1e3 * row["time_s"]:.1f} ms'

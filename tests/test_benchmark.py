@@ -101,3 +101,31 @@ def test_rows_are_written_as_they_come(tmp_path, monkeypatch):
   done = benchmark.run(config, str(tmp_path / 'c'))
   assert done['complete'] and len(done['rows']) == 4
   assert done['code'] == provenance.code_version()  # the code that ran
+
+
+def test_decode_table_against_recomputing_the_prefix(tmp_path):
+  config = benchmark_config.get_config('smoke')
+  config.kinds = 'full,local,performer,lsh,linformer'
+  config.passes = 'decode'
+  config.causal = True
+  config.attention.local.window = 16
+  result = benchmark.run(config, str(tmp_path))
+  rows = {(r['kind'], r['length']): r for r in result['rows']}
+  assert {r['pass'] for r in result['rows']} == {'decode'}
+  assert set(rows) == {(k, n) for k in ('full', 'local', 'performer', 'lsh',
+                                        'linformer') for n in (64, 128)}
+  for kind in ('full', 'local', 'performer'):
+    for n in (64, 128):
+      r = rows[kind, n]
+      assert r['status'] == 'ok' and r['time_s'] > 0 and r['recompute_s'] > 0
+  # A cache grows with the context; a window's ring and the features' sums
+  # do not.
+  assert rows['full', 128]['state_bytes'] == 2 * rows['full', 64]['state_bytes']
+  for kind in ('local', 'performer'):
+    assert rows[kind, 128]['state_bytes'] == rows[kind, 64]['state_bytes']
+  assert rows['lsh', 64]['status'] == 'no decoding state (recomputes)'
+  assert 'time_s' not in rows['lsh', 64] and rows['lsh', 64]['recompute_s'] > 0
+  assert rows['linformer', 64]['status'] == 'bidirectional only'
+  table = (tmp_path / 'benchmark.md').read_text()
+  assert '| kind | context | decode (ms/token) |' in table
+  assert 'decode time exponent (1K..16K)' in table
