@@ -27,6 +27,13 @@ The regressions train with Adam (optax; `LEARNING_RATE`, `BATCH_SIZE`,
 validation, and are scored on test with the model's metrics (accuracy,
 macro F1, confusion matrix, ...). Writes baselines.json to the workdir and
 prints a table. For tasks with the `classify` or `match` head.
+
+For the `lm` head the baselines are byte n-gram models, scored in bits per
+byte on every scored target of validation and test (what a language model
+must beat): `unigram`, the training targets' frequencies (the corpus's
+byte entropy, measured on held-out text), and `bigram`, the frequencies of
+each target after the token before it; both with additive smoothing, its
+constant chosen on validation from LM_SMOOTHING.
 """
 from __future__ import annotations
 
@@ -167,6 +174,49 @@ def logistic_regression(train, validation, num_classes: int, seed: int,
   return (lambda x: predict(best, x)), best_acc
 
 
+LM_SMOOTHING = (1e-3, 1e-2, 0.1, 1.0)  # additive smoothing tried
+
+
+def _lm_counts(source, vocab: int):
+  """(targets' counts [vocab], (previous token, target) counts [vocab,
+  vocab]) over the scored positions of a split."""
+  uni = np.zeros(vocab, np.int64)
+  bi = np.zeros((vocab, vocab), np.int64)
+  for start in range(0, len(source), _READ_CHUNK):
+    for e in source.__getitems__(range(start, min(start + _READ_CHUNK,
+                                                  len(source)))):
+      scored = np.asarray(e['weights']) > 0
+      prev = np.asarray(e['inputs'])[scored]
+      target = np.asarray(e['targets'])[scored]
+      uni += np.bincount(target, minlength=vocab)
+      np.add.at(bi, (prev, target), 1)
+  return uni, bi
+
+
+def _bits(probs, counts) -> float:
+  """Bits per scored target of a model `probs` (same shape as counts)."""
+  return float(-(counts * np.log2(probs)).sum() / max(counts.sum(), 1))
+
+
+def lm_baselines(task) -> dict:
+  """{unigram, bigram: {smoothing, validation/test bits_per_byte}}."""
+  counts = {split: _lm_counts(task.source(split), task.vocab_size)
+            for split in tasks.SPLITS}
+  out = {}
+  for name, index in (('unigram', 0), ('bigram', 1)):
+    train = counts['train'][index].astype(np.float64)
+
+    def model(alpha, train=train):
+      smoothed = train + alpha
+      return smoothed / smoothed.sum(-1, keepdims=True)
+    best = min(LM_SMOOTHING, key=lambda a: _bits(
+        model(a), counts['validation'][index]))
+    out[name] = {'smoothing': best, **{
+        split: {'bits_per_byte': _bits(model(best), counts[split][index])}
+        for split in ('validation', 'test')}}
+  return out
+
+
 def _scores(labels, predictions, num_classes):
   return metrics_lib.classification_metrics(labels, predictions, num_classes)
 
@@ -177,10 +227,17 @@ def run(config, workdir: str) -> dict:
     raise ValueError('--workdir is required for --mode=baselines')
   trainer.prepare_workdir(workdir)
   task = tasks.get(config.task, trainer.default_data_dir(config))
+  if task.head == 'lm':
+    result = {'task': task.name, 'preset': config.get('preset'),
+              'baselines': lm_baselines(task)}
+    writer_lib.write_json_atomic(os.path.join(workdir, 'baselines.json'),
+                                 result)
+    print(table(result))
+    return result
   if task.head not in FEATURES:
     raise ValueError(f'baselines are for tasks with a '
-                     f'{" or ".join(FEATURES)} head; task {task.name} has '
-                     f'the {task.head!r} head')
+                     f'{", ".join(FEATURES)} or lm head; task {task.name} '
+                     f'has the {task.head!r} head')
   start = time.monotonic()
   data = {split: load(task.source(split)) for split in tasks.SPLITS}
   logging.info('baselines: loaded %s examples in %.0fs',
@@ -220,6 +277,12 @@ def run(config, workdir: str) -> dict:
 
 
 def table(result: dict) -> str:
+  if 'bits_per_byte' in next(iter(result['baselines'].values()))['test']:
+    lines = [f'Baselines on {result["task"]} (test; smoothing chosen on '
+             'validation):', '| baseline | bits per byte |', '|---|---:|']
+    for name, b in result['baselines'].items():
+      lines.append(f'| {name} | {b["test"]["bits_per_byte"]:.3f} |')
+    return '\n'.join(lines)
   lines = [f'Baselines on {result["task"]} (test; chosen on validation):',
            '| baseline | accuracy (%) | macro F1 |', '|---|---:|---:|']
   for name, b in result['baselines'].items():

@@ -85,3 +85,45 @@ def test_baselines_refuse_tasks_without_labels(smoke_config, tmp_path):
   with pytest.raises(ValueError, match="task mqar has the 'per_position' "
                      'head'):
     baselines.run(smoke_config('mqar'), str(tmp_path / 'b'))
+
+
+class _Split(list):
+  def __getitems__(self, indices):
+    return [self[i] for i in indices]
+
+
+class _Task:
+  """A next-token task of three examples per split over tokens 1..3."""
+  vocab_size = 4
+
+  def __init__(self, splits):
+    self.splits = splits
+
+  def source(self, split):
+    return self.splits[split]
+
+
+def _example(tokens, scored):
+  tokens = np.asarray(tokens)
+  return {'inputs': tokens[:-1], 'targets': tokens[1:],
+          'weights': np.asarray(scored, np.float32)}
+
+
+def test_lm_ngram_baselines_by_hand():
+  # Train: targets 2, 2, 3, 1, the last unscored: unigram counts 0, 2, 1
+  # for tokens 1..3; bigrams (1->2), (2->2), (2->3).
+  train = _Split([_example([1, 2, 2, 3, 1], [1, 1, 1, 0])])
+  held = _Split([_example([1, 2, 3], [1, 1])])  # targets 2, 3
+  task = _Task({'train': train, 'validation': held, 'test': held})
+  out = baselines.lm_baselines(task)
+  a = out['unigram']['smoothing']
+  p = (np.array([0, 0, 2, 1]) + a) / (3 + 4 * a)
+  want = -(np.log2(p[2]) + np.log2(p[3])) / 2
+  assert out['unigram']['test']['bits_per_byte'] == pytest.approx(want)
+  a = out['bigram']['smoothing']
+  after1 = (np.array([0, 0, 1, 0]) + a) / (1 + 4 * a)
+  after2 = (np.array([0, 0, 1, 1]) + a) / (2 + 4 * a)
+  want = -(np.log2(after1[2]) + np.log2(after2[3])) / 2
+  assert out['bigram']['test']['bits_per_byte'] == pytest.approx(want)
+  # The smoothing is the one best on validation.
+  assert a == min(baselines.LM_SMOOTHING)
