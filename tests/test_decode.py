@@ -1,7 +1,7 @@
 """Causal decoding one token at a time (av.decode_step through the encoder)
-equals the evaluation forward pass at every position, for every kind that
-decodes from a state; padding in the batch changes nothing before a row's
-end."""
+gives the evaluation forward pass's logits at every position, for every
+kind that decodes from a state; padding in the batch changes nothing
+before a row's end."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,14 +45,14 @@ def _model(kind, num_kv_heads=0, **spec):
 @nnx.jit
 def _forward_and_decode(model, inputs, lengths, key):
   enc = model.encoder
-  want = enc(inputs, lengths, attention_rng=key)
+  want = model({'inputs': inputs, 'length': lengths}, attention_rng=key)
   states = enc.decode_init(inputs.shape[0], inputs.shape[1],
                            attention_rng=key)
 
   def one(states, xs):
     tokens, pos = xs
     x, states = enc.decode_step(tokens, pos, states)
-    return states, x
+    return states, model.head.token_logits(x)
   _, got = jax.lax.scan(one, states, (inputs.T, jnp.arange(inputs.shape[1])))
   return want, jnp.moveaxis(got, 0, 1)
 
