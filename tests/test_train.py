@@ -19,7 +19,15 @@ def _read(path):
     return json.load(f)
 
 
-@pytest.mark.parametrize('task', tasks.NAMES)
+# The pixel tasks' smoke runs take 17-26 s each (their images are drawn or
+# converted first); they train in the opt-in suite (-m slow) and their data
+# is tested in test_image.py and test_pathfinder.py.
+PIXEL_TASKS = ('image', 'pathfinder', 'pathx')
+
+
+@pytest.mark.parametrize('task', [
+    pytest.param(t, marks=pytest.mark.slow) if t in PIXEL_TASKS else t
+    for t in tasks.NAMES])
 def test_run_writes_everything(smoke_config, tmp_path, task):
   workdir = str(tmp_path / 'run')
   results = trainer.train_and_evaluate(smoke_config(task), workdir)
