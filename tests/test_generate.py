@@ -59,6 +59,13 @@ def test_logits_are_the_models_on_each_prefix(kind, spec):
                      attention_rng=key)
   want = _prefix_logits(model, jnp.pad(prompts, ((0, 0), (0, 1))), key)
   np.testing.assert_allclose(out['logits'], want[:, :N - 1], atol=1e-4)
+  # Every kind but lsh is prefix-consistent: the same logits come from one
+  # causal forward over the whole prompt. lsh's do not (later tokens take
+  # sorted chunk slots), which is why it recomputes.
+  whole = model({'inputs': prompts, 'length': jnp.asarray([N - 1, N - 1])},
+                attention_rng=key)
+  if kind != 'lsh':
+    np.testing.assert_allclose(out['logits'], whole, atol=1e-4)
   assert gen.decoding(model.encoder.blocks[0].attn.spec) == (
       'decoded' if av.can_decode({'kind': kind}) else 'recompute')
 
