@@ -115,7 +115,8 @@ def generate(model, prompts, lengths, max_new_tokens: int, *, attention_rng,
   """{'tokens' [b, max_new_tokens], 'logits' [b, n - 1, vocab]} (module
   docstring). prompts int [b, width] right-padded, lengths int [b] >= 1.
   recompute=True recomputes the prefix even for a kind that decodes (a
-  check, and the decode benchmark's baseline)."""
+  check of the decoding path; the decode benchmark times the same
+  recomputation at the attention level)."""
   check(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p)
   rng = jax.random.key(0) if rng is None else rng
