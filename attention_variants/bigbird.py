@@ -221,8 +221,8 @@ def decode_step(q, k, v, state, pos, params):
   a global block's query attends to every earlier key (as in the forward
   pass) and a middle block's to the positions of its pattern, gathered per
   head from the cache (its random blocks differ by head)."""
-  ks, vs = (masks.cache_write(state[n], x, pos) for n, x in (('k', k),
-                                                              ('v', v)))
+  state = masks.kv_write(state, k, v, pos)
+  ks, vs = state['k'], state['v']
   heads, d = q.shape[1:]
   n = ks.shape[1]
   kv_heads = ks.shape[2]
@@ -247,4 +247,4 @@ def decode_step(q, k, v, state, pos, params):
 
   is_global = (a < front) | (a >= nb - back)
   out = jax.lax.cond(is_global, every_earlier_key, its_pattern)
-  return out, {'k': ks, 'v': vs}
+  return out, state

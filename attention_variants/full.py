@@ -60,10 +60,9 @@ def decode_step(q, k, v, state, pos, params):
   (every row's): its k, v are cached, and it attends to positions <= pos.
   O(max_len) per token: what causal full attention sees."""
   del params
-  ks, vs = (masks.cache_write(state[n], x, pos) for n, x in (('k', k),
-                                                              ('v', v)))
-  visible = (jnp.arange(ks.shape[1]) <= pos)[None, None]
-  return masks.token_attention(q, ks, vs, visible), {'k': ks, 'v': vs}
+  state = masks.kv_write(state, k, v, pos)
+  visible = (jnp.arange(state['k'].shape[1]) <= pos)[None, None]
+  return masks.token_attention(q, state['k'], state['v'], visible), state
 
 
 def full_mask(q, k, *, causal, q_lengths, kv_lengths):

@@ -171,9 +171,14 @@ def ring_init(batch, slots, num_kv_heads, head_dim, dtype):
 def ring_write(state, k, v, pos):
   """A ring-buffer state with the token at `pos` in slot pos % slots."""
   slot = pos % state['pos'].shape[0]
-  return {'k': masks.cache_write(state['k'], k, slot),
-          'v': masks.cache_write(state['v'], v, slot),
-          'pos': state['pos'].at[slot].set(pos)}
+  state = masks.kv_write(state, k, v, slot)
+  return {**state, 'pos': state['pos'].at[slot].set(pos)}
+
+
+def ring_visible(state, pos, left):
+  """bool [slots]: the ring's slots holding positions pos - left .. pos."""
+  held = state['pos']
+  return (held >= 0) & (held >= pos - left) & (held <= pos)
 
 
 def decode_step(q, k, v, state, pos, params):
@@ -182,6 +187,5 @@ def decode_step(q, k, v, state, pos, params):
   token."""
   left, _ = extents(params, causal=True)
   state = ring_write(state, k, v, pos)
-  held = state['pos']
-  visible = ((held >= 0) & (held >= pos - left) & (held <= pos))[None, None]
+  visible = ring_visible(state, pos, left)[None, None]
   return masks.token_attention(q, state['k'], state['v'], visible), state

@@ -216,14 +216,14 @@ def decode_init(params, *, batch, max_len, num_heads, num_kv_heads, head_dim,
   """Decoding state: the global keys and values (the first num_global
   positions) and a ring buffer of the causal window (local.decode_init):
   memory O(window + num_global), not O(max_len)."""
+  del num_heads, rng, learned
   check_params(params)
   g = min(params['num_global'], max_len)
   shape = (batch, max(g, 1), num_kv_heads, head_dim)
-  del num_heads, rng, learned
   ring = local.ring_init(batch, min(params['window'], max_len) + 1,
                          num_kv_heads, head_dim, dtype)
-  return {'global_k': jnp.zeros(shape, dtype),
-          'global_v': jnp.zeros(shape, dtype), 'ring': ring}
+  return {'global': {'k': jnp.zeros(shape, dtype),
+                     'v': jnp.zeros(shape, dtype)}, 'ring': ring}
 
 
 def decode_step(q, k, v, state, pos, params):
@@ -232,23 +232,18 @@ def decode_step(q, k, v, state, pos, params):
   window keys in the ring (max(pos - window, num_global) <= j <= pos; a
   global query's keys are all global). O(window + num_global) per token."""
   g = params['num_global']
-  n_g = state['global_k'].shape[1]
+  n_g = state['global']['k'].shape[1]
   is_global = pos < g
-  slot = jnp.minimum(pos, n_g - 1)
-  gk = jnp.where(is_global, masks.cache_write(state['global_k'], k, slot),
-                 state['global_k'])
-  gv = jnp.where(is_global, masks.cache_write(state['global_v'], v, slot),
-                 state['global_v'])
-  ring = local.ring_write(state['ring'], k, v, pos)
-  # A global position is never in the window part: keep the ring as it was.
-  ring = jax.tree.map(lambda new, old: jnp.where(is_global, old, new), ring,
-                      state['ring'])
-  held = ring['pos']
-  window = ((held >= 0) & (held >= pos - params['window']) & (held >= g)
-            & (held <= pos))
+  keep = lambda new, old: jax.tree.map(
+      lambda a, b: jnp.where(is_global, a, b), new, old)
+  # A global position goes to the global keys, every other to the ring.
+  glob = keep(masks.kv_write(state['global'], k, v,
+                             jnp.minimum(pos, n_g - 1)), state['global'])
+  ring = keep(state['ring'], local.ring_write(state['ring'], k, v, pos))
+  window = local.ring_visible(ring, pos, params['window']) & (ring['pos'] >= g)
   in_global = (jnp.arange(n_g) < g) & (jnp.arange(n_g) <= pos)
-  keys = jnp.concatenate([gk, ring['k']], axis=1)
-  values = jnp.concatenate([gv, ring['v']], axis=1)
+  keys = jnp.concatenate([glob['k'], ring['k']], axis=1)
+  values = jnp.concatenate([glob['v'], ring['v']], axis=1)
   visible = jnp.concatenate([in_global, window])[None, None]
   out = masks.token_attention(q, keys, values, visible)
-  return out, {'global_k': gk, 'global_v': gv, 'ring': ring}
+  return out, {'global': glob, 'ring': ring}

@@ -282,11 +282,12 @@ def token_attention(q, k, v, visible, *, scale=None):
   return out.reshape(b, h, d)
 
 
-def cache_write(cache, x, slot):
-  """cache [b, t, ...] with x [b, ...] written at index `slot` (a traced
-  scalar) of axis 1."""
-  return jax.lax.dynamic_update_slice_in_dim(cache, x[:, None].astype(
-      cache.dtype), slot, axis=1)
+def kv_write(state, k, v, slot):
+  """A decoding state {'k', 'v' [b, t, kv_heads, d], ...} with the token's
+  k, v [b, kv_heads, d] written at index `slot` (a traced scalar) of t."""
+  write = lambda cache, x: jax.lax.dynamic_update_slice_in_dim(
+      cache, x[:, None].astype(cache.dtype), slot, axis=1)
+  return {**state, 'k': write(state['k'], k), 'v': write(state['v'], v)}
 
 
 def gather_positions(cache, positions):

@@ -159,10 +159,9 @@ def pattern_positions(pos, params, max_len: int):
 def decode_step(q, k, v, state, pos, params):
   """(output [b, h, d] float32, state) of the token at `pos`: cached, then
   attending to the keys of its pattern only, gathered from the cache."""
-  ks, vs = (masks.cache_write(state[n], x, pos) for n, x in (('k', k),
-                                                              ('v', v)))
-  seen = pattern_positions(pos, params, ks.shape[1])
-  out = masks.token_attention(q, masks.gather_positions(ks, seen),
-                              masks.gather_positions(vs, seen),
+  state = masks.kv_write(state, k, v, pos)
+  seen = pattern_positions(pos, params, state['k'].shape[1])
+  out = masks.token_attention(q, masks.gather_positions(state['k'], seen),
+                              masks.gather_positions(state['v'], seen),
                               (seen >= 0)[None, None])
-  return out, {'k': ks, 'v': vs}
+  return out, state

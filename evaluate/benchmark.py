@@ -88,10 +88,10 @@ def _median_seconds(compiled, args, warmup, repeats, min_time_s=0.0):
   return float(np.median(times))
 
 
-def measure(config, name, fn, pass_name, n, implementation, spec=None):
-  """One row of benchmark.json. A kind that owns parameters (`spec`) gets
-  them freshly initialised for length n, as an argument (the backward pass
-  differentiates q, k and v only)."""
+def _inputs(config, spec, n):
+  """(q, k, v [batch, n, heads, head_dim], learned): random inputs from
+  config.seed, and the kind's parameters freshly initialised for length n
+  when it owns some (`spec`; None for a peer)."""
   dtype = jnp.dtype(config.dtype)
   keys = jax.random.split(jax.random.key(config.seed), 4)
   shape = (config.batch_size, n, config.heads, config.head_dim)
@@ -101,6 +101,14 @@ def measure(config, name, fn, pass_name, n, implementation, spec=None):
     learned = av.init_learned(spec, keys[3], num_heads=config.heads,
                               num_kv_heads=config.heads,
                               head_dim=config.head_dim, max_len=n)
+  return q, k, v, learned
+
+
+def measure(config, name, fn, pass_name, n, implementation, spec=None):
+  """One row of benchmark.json. A kind that owns parameters (`spec`) gets
+  them freshly initialised for length n, as an argument (the backward pass
+  differentiates q, k and v only)."""
+  q, k, v, learned = _inputs(config, spec, n)
   args = (q, k, v, jax.random.key(config.seed), learned)
   row = {'kind': name, 'length': n, 'pass': pass_name,
          'implementation': implementation}
@@ -132,19 +140,13 @@ def measure_decode(config, name, spec, n):
   """One decode-table row: the kind's per-token time and state bytes at
   context n, and the time of recomputing the prefix (its causal forward
   over n tokens)."""
-  dtype = jnp.dtype(config.dtype)
-  keys = jax.random.split(jax.random.key(config.seed), 4)
   b, h, d = config.batch_size, config.heads, config.head_dim
   row = {'kind': name, 'length': n, 'pass': 'decode',
          'implementation': spec['implementation']}
   if not av.supports_causal(spec):
     return {**row, 'status': 'bidirectional only'}
-  learned = None
-  if av.owns_parameters(spec):
-    learned = av.init_learned(spec, keys[3], num_heads=h, num_kv_heads=h,
-                              head_dim=d, max_len=n)
+  *prefix, learned = _inputs(config, spec, n)
   rng = jax.random.key(config.seed)
-  prefix = [jax.random.normal(key, (b, n, h, d), dtype) for key in keys[:3]]
   recompute = jax.jit(lambda q, k, v: av.attend(
       q, k, v, spec, causal=True, rng=rng, learned=learned)).lower(
           *prefix).compile()
@@ -154,7 +156,8 @@ def measure_decode(config, name, spec, n):
     row['status'] = 'no decoding state (recomputes)'
     return row
   state = av.decode_init(spec, batch=b, max_len=n, num_heads=h,
-                         num_kv_heads=h, head_dim=d, dtype=dtype, rng=rng,
+                         num_kv_heads=h, head_dim=d,
+                         dtype=jnp.dtype(config.dtype), rng=rng,
                          learned=learned)
   row['state_bytes'] = int(sum(x.size * x.dtype.itemsize
                                for x in jax.tree.leaves(state)))

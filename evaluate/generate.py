@@ -190,6 +190,7 @@ def score_run(workdir: str) -> dict | None:
   writes RUN/generations.jsonl and adds `generation` to the test metrics
   of results.json; None when the run's config has no generation block or
   asks for no prompts."""
+  from tasks import builders
   from tasks import metrics as metrics_lib
   from train import trainer as trainer_lib
   from train import writer as writer_lib
@@ -197,7 +198,10 @@ def score_run(workdir: str) -> dict | None:
   g = config.get('generation')
   if g is None or g.num_prompts == 0:
     return None
-  check_config(g)
+  for name in ('num_prompts', 'prompt_tokens', 'new_tokens',
+               'exact_match_tokens', 'seed'):
+    trainer_lib.check_range(f'generation.{name}', g[name], 0)
+  trainer_lib.check_range('generation.batch_size', g.batch_size, 1)
   trainer = trainer_lib.Trainer(config, workdir)
   try:
     model, best_step = trainer.best_model()
@@ -222,9 +226,7 @@ def score_run(workdir: str) -> dict | None:
   key = jax.random.key(g.seed)
   for start in range(0, len(pairs), g.batch_size):
     chunk = pairs[start:start + g.batch_size]
-    prompts = np.zeros((len(chunk), width), np.int32)
-    for row, (_, p, _) in enumerate(chunk):
-      prompts[row, :len(p)] = p
+    prompts = np.stack([builders.padded(p, width) for _, p, _ in chunk])
     lengths = np.asarray([len(p) for _, p, _ in chunk], np.int32)
     key, draw = jax.random.split(key)
     t0 = time.time()
@@ -255,9 +257,8 @@ def score_run(workdir: str) -> dict | None:
             'generated': hyp}
            for (i, p, _), ref, hyp in zip(pairs, ref_text, hyp_text)]
   path = os.path.join(workdir, 'generations.jsonl')
-  with writer_lib.atomic_path(path) as tmp:
-    with open(tmp, 'w') as f:
-      f.writelines(json.dumps(line) + '\n' for line in lines)
+  writer_lib.write_text_atomic(
+      path, ''.join(json.dumps(line) + '\n' for line in lines))
   results_path = os.path.join(workdir, 'results.json')
   results = writer_lib.read_json_object(results_path, "this run's results")
   results['metrics']['test']['generation'] = block
@@ -267,12 +268,3 @@ def score_run(workdir: str) -> dict | None:
         f'match {scores["exact_match"]:.1f}%; samples in {path}')
   return block
 
-
-def check_config(g) -> None:
-  """ValueError naming the generation field for impossible values."""
-  for name in ('num_prompts', 'prompt_tokens', 'new_tokens',
-               'exact_match_tokens', 'seed'):
-    if g[name] < 0:
-      raise ValueError(f'generation.{name}={g[name]} must be >= 0')
-  if g.batch_size < 1:
-    raise ValueError(f'generation.batch_size={g.batch_size} must be >= 1')

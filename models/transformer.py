@@ -92,12 +92,9 @@ class Attention(nnx.Module):
 
   def decode(self, x, pos, state):
     """(output [b, dim], state) of one token per row x [b, dim] at `pos`."""
-    b = x.shape[0]
-    q = self.query(x).reshape(b, self.num_heads, self.head_dim)
-    k = self.key(x).reshape(b, self.num_kv_heads, self.head_dim)
-    v = self.value(x).reshape(b, self.num_kv_heads, self.head_dim)
+    q, k, v = (t[:, 0] for t in self._qkv(x[:, None]))
     y, state = av.decode_step(q, k, v, state, pos, self.spec)
-    return self.out(y.astype(x.dtype).reshape(b, -1)), state
+    return self.out(y.astype(x.dtype).reshape(x.shape[0], -1)), state
 
   def weights(self, x, lengths, *, causal, attention_rng, parts=False):
     """The dense float32 probabilities [b, heads, n, n] that __call__ on the
