@@ -172,6 +172,25 @@ def test_corrupt_latest_falls_back_to_the_previous_one(finished, tmp_path,
   assert records(workdir) == records(finished[0])
 
 
+def test_a_save_keeps_the_meta_as_it_was_when_saved(tmp_path):
+  """Orbax writes a checkpoint's JSON in the background: the trainer goes on
+  changing its own dicts (the loss window) meanwhile, and the checkpoint
+  must hold them as they were at the save (the race that once made a
+  resumed run log a different step-4 loss)."""
+  from flax import nnx
+  state = nnx.state(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+  ckpts = ckpt_lib.Checkpoints(str(tmp_path))
+  for trial in range(5):
+    window = {'loss_sum': 1.5, 'steps': 1}
+    ckpts.save_latest(trial, state, {'step': trial, 'log_window': window})
+    window['loss_sum'] += 100.0
+    window['steps'] += 1
+    ckpts.wait()
+    _, meta = ckpts.latest.restore(state, trial)
+    assert meta['log_window'] == {'loss_sum': 1.5, 'steps': 1}, trial
+  ckpts.close()
+
+
 @pytest.mark.parametrize('at_6, at_3', [
     ('truncated data', 'no ocdbt.process_0'),
     ('no manifest.ocdbt', 'garbage metadata')])

@@ -19,6 +19,7 @@ checkpoint pins nothing: the next command may use other settings.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging as std_logging
 import os
@@ -237,7 +238,9 @@ class _Kind:
 
   def save(self, step: int, state, meta: dict) -> None:
     pure = nnx.to_pure_dict(state)
-    meta = dict(meta, digest=digest(pure))
+    # orbax writes the JSON in the background while the caller goes on
+    # changing its dicts (the loss window): save a copy of them as they are.
+    meta = copy.deepcopy(dict(meta, digest=digest(pure)))
     stale = [s for s in self.manager.all_steps() if s >= step]
     if stale:
       # Saved by an attempt that died before its next latest checkpoint;
