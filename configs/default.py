@@ -45,8 +45,20 @@ def base() -> ml_collections.ConfigDict:
   for kind in av.KINDS:
     c.attention[kind] = av.defaults(kind)
 
+  # The device mesh (train/sharding.py): axis sizes whose product is the
+  # device count; -1 takes the devices left over. Run control: a run may
+  # resume on another mesh.
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1,                  # data parallel: the batch split, rest copied
+      fsdp=1,                   # batch split and parameters + optimizer
+                                # state sharded (each array's largest
+                                # dimension that this divides)
+      sequence=1,               # activations split along the sequence;
+                                # attention sequence-parallel
+  ))
+
   c.train = ml_collections.ConfigDict(dict(
-      batch_size=32,            # global batch; must divide across devices
+      batch_size=32,            # global batch; divisible by mesh data x fsdp
       num_steps=1000,           # optimizer steps
       learning_rate=1e-3,       # peak learning rate
       warmup_steps=100,         # linear warmup, then cosine decay to 0

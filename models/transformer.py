@@ -16,6 +16,12 @@ from flax import nnx
 import attention_variants as av
 
 POS_EMBS = ('learned', 'sinusoidal')
+# Mesh axes the model knows by name (train/sharding.py builds the mesh): the
+# batch is split over BATCH_AXES; under a mesh whose SEQUENCE_AXIS has more
+# than one device, activations are split along the length and attention is
+# sequence-parallel (attention_variants/sequence_parallel.py).
+BATCH_AXES = ('data', 'fsdp')
+SEQUENCE_AXIS = 'sequence'
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -25,6 +31,26 @@ def dropout(x, rate: float, rng):
     return x
   keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def sequence_mesh():
+  """The mesh the step is traced under (jax.set_mesh) when its
+  SEQUENCE_AXIS splits the sequence; else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or dict(mesh.shape).get(SEQUENCE_AXIS, 1) == 1:
+    return None
+  return mesh
+
+
+def constrain_activations(x):
+  """x [b, n, dim] with b split over BATCH_AXES and n over SEQUENCE_AXIS
+  under a sequence-parallel mesh; unchanged otherwise."""
+  mesh = sequence_mesh()
+  if mesh is None:
+    return x
+  batch = tuple(a for a in BATCH_AXES if a in mesh.shape)
+  return jax.lax.with_sharding_constraint(
+      x, jax.sharding.PartitionSpec(batch, SEQUENCE_AXIS, None))
 
 
 def _split(rng, n):
@@ -76,9 +102,16 @@ class Attention(nnx.Module):
 
   def __call__(self, x, lengths, *, causal, attention_rng):
     q, k, v = self._qkv(x)
-    y = av.attend(q, k, v, self.spec, causal=causal, q_lengths=lengths,
-                  kv_lengths=lengths, rng=attention_rng,
-                  learned=self._learned())
+    kw = dict(causal=causal, q_lengths=lengths, kv_lengths=lengths,
+              rng=attention_rng, learned=self._learned())
+    mesh = sequence_mesh()
+    if mesh is None:
+      y = av.attend(q, k, v, self.spec, **kw)
+    else:
+      from attention_variants import sequence_parallel  # TODO(merge): top
+      y = sequence_parallel.attend(
+          q, k, v, self.spec, mesh=mesh, axis=SEQUENCE_AXIS,
+          batch_axes=tuple(a for a in BATCH_AXES if a in mesh.shape), **kw)
     return self.out(y.reshape(x.shape[0], x.shape[1], -1))
 
   def decode_init(self, batch, max_len, *, attention_rng):
@@ -210,6 +243,7 @@ class Encoder(nnx.Module):
     rngs = _split(dropout_rng, len(self.blocks) + 1)
     x = dropout(self._embed(inputs), self.rate, rngs[-1])
     for i, block in enumerate(self.blocks):
+      x = constrain_activations(x)
       x = block(x, lengths, causal=self.causal,
                 attention_rng=jax.random.fold_in(attention_rng, i),
                 dropout_rng=rngs[i])

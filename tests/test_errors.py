@@ -37,13 +37,6 @@ def test_cli_errors_are_one_line(tmp_path, args, expected):
   assert 'Traceback' not in proc.stderr
 
 
-def test_batch_not_divisible_across_devices(smoke_config, tmp_path,
-                                            monkeypatch):
-  monkeypatch.setattr(jax, 'device_count', lambda: 3)
-  with pytest.raises(ValueError, match='not divisible across the 3 devices'):
-    trainer.train_and_evaluate(smoke_config(), str(tmp_path / 'w'))
-
-
 def test_workdir_that_is_a_file(smoke_config, tmp_path):
   path = tmp_path / 'file'
   path.write_text('keep me')

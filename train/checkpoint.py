@@ -45,8 +45,10 @@ from utils import paths
 RUN_CONTROL_FIELDS = ('data_dir', 'train.log_every', 'train.checkpoint_every',
                       'train.eval_batch_size', 'train.grad_accum_steps',
                       'attention.implementation')
-# Blocks read only after training: what to generate and score at the end.
-RUN_CONTROL_BLOCKS = ('generation.',)
+# Blocks that never change what is trained: what to generate and score at the
+# end; the device mesh (the same global batch and model on any layout, to
+# float32 rounding: tests/test_mesh.py), so a run resumes on other hardware.
+RUN_CONTROL_BLOCKS = ('generation.', 'mesh.')
 
 CORRUPT_DIR = 'corrupt'
 

@@ -165,13 +165,37 @@ def make_eval_step(graphdef):
   return step
 
 
-def compile_train(setup: Setup, batch, keys, *, accum_steps: int = 1):
-  """The train step compiled for these arguments' shapes and shardings
-  (`keys` as from train_keys), with the state donated."""
+@dataclasses.dataclass(frozen=True)
+class Shardings:
+  """Where a step's arguments live (train/sharding.py decides): the state
+  pytree's shardings, the batch's (a prefix of the batch dict) and the
+  replicated one (keys, scalar outputs)."""
+  state: Any
+  batch: Any
+  replicated: Any
+
+
+def compile_train(setup: Setup, batch, keys, *, accum_steps: int = 1,
+                  shardings: Shardings | None = None):
+  """The train step compiled for these arguments' shapes (`keys` as from
+  train_keys), with the state donated. With `shardings`, jitted with them
+  as explicit in/out shardings (the state keeps its layout, the metrics are
+  replicated); else for the arguments' own shardings."""
+  kw = {} if shardings is None else dict(
+      in_shardings=(shardings.state, shardings.batch, shardings.replicated),
+      out_shardings=(shardings.state, shardings.replicated))
   return jax.jit(make_train_step(setup.graphdef, accum_steps),
-                 donate_argnums=0).lower(setup.state, batch, keys).compile()
+                 donate_argnums=0, **kw).lower(
+                     setup.state, batch, keys).compile()
 
 
-def compile_eval(setup: Setup, batch, key):
-  return jax.jit(make_eval_step(setup.graphdef)).lower(
+def compile_eval(setup: Setup, batch, key, *,
+                 shardings: Shardings | None = None):
+  """The eval step compiled for these arguments (with `shardings`: the
+  state's and the batch's as its in shardings, the per-example outputs
+  split like the batch)."""
+  kw = {} if shardings is None else dict(
+      in_shardings=(shardings.state, shardings.batch, shardings.replicated),
+      out_shardings=shardings.batch)
+  return jax.jit(make_eval_step(setup.graphdef), **kw).lower(
       setup.state, batch, key).compile()

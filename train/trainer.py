@@ -30,6 +30,7 @@ import tasks
 from train import checkpoint as ckpt_lib
 from train import data as data_lib
 from train import profile
+from train import sharding
 from train import step as step_lib
 from train import writer as writer_lib
 from utils import progress as progress_lib
@@ -86,14 +87,7 @@ def check_config(config) -> None:
                      f'train.grad_accum_steps={accum} micro-batches; use a '
                      'divisor of the batch size')
   av.validate(config.attention)
-  n_dev = jax.device_count()
-  for name, size in (('batch_size', t.batch_size // accum),
-                     ('eval_batch_size', t.eval_batch_size)):
-    if size % n_dev:
-      what = ('train.batch_size / train.grad_accum_steps' if
-              name == 'batch_size' and accum > 1 else f'train.{name}')
-      raise ValueError(f'{what}={size} is not divisible across the '
-                       f'{n_dev} devices; use a multiple of {n_dev}')
+  sharding.mesh_shape(config.get('mesh', {}), jax.device_count())
 
 
 def prepare_dir(path: str, what: str) -> None:
@@ -162,15 +156,22 @@ class Trainer:
     self.spec = config.attention.to_dict()
     self.setup = step_lib.build(config.model, self.spec, self.task,
                                 config.train, seed=config.seed)
-    mesh = jax.make_mesh((jax.device_count(),), ('data',),
-                         axis_types=(jax.sharding.AxisType.Auto,))
-    self.replicated = NamedSharding(mesh, P())
-    self.data_sharding = NamedSharding(mesh, P('data'))
-    self.state = jax.device_put(self.setup.state, self.replicated)
-    self.train_ds = data_lib.train_batches(
-        self.task.source('train'), config.train.batch_size, config.seed)
+    # Runs older than config.mesh had the batch split over every device.
+    self.mesh = sharding.make_mesh(config.get('mesh', {}))
     self.eval_batch_size = (config.train.eval_batch_size
                             or config.train.batch_size)
+    sharding.check_divisible(
+        self.mesh, batch_size=config.train.batch_size // grad_accum_steps(
+            config), eval_batch_size=self.eval_batch_size,
+        seq_len=self.task.seq_len,
+        batch_what=('train.batch_size / train.grad_accum_steps'
+                    if grad_accum_steps(config) > 1 else 'train.batch_size'))
+    self.replicated = sharding.replicated(self.mesh)
+    self.data_sharding = sharding.batch_sharding(self.mesh)
+    self.state_sharding = sharding.state_shardings(self.setup.state, self.mesh)
+    self.state = jax.device_put(self.setup.state, self.state_sharding)
+    self.train_ds = data_lib.train_batches(
+        self.task.source('train'), config.train.batch_size, config.seed)
     self.base_key = jax.random.key(config.seed)
     self.redraw_every = av.redraw_every(self.spec)
     # Evaluation uses one fixed attention key (LSH rotations fixed by seed).
@@ -196,14 +197,18 @@ class Trainer:
     setup = dataclasses.replace(self.setup, state=self.state)
     example = self._batch(self.train_ds[0])
     t0 = time.time()
-    self.train_step = step_lib.compile_train(
-        setup, example, self._keys(0),
-        accum_steps=grad_accum_steps(self.config))
-    logging.info('compiled train step in %.1fs', time.time() - t0)
-    eval_example = next(data_lib.eval_batches(self.task.source('validation'),
-                                              self.eval_batch_size))[0]
-    self.eval_step = step_lib.compile_eval(setup, self._batch(eval_example),
-                                           self.eval_key)
+    shardings = step_lib.Shardings(self.state_sharding, self.data_sharding,
+                                   self.replicated)
+    with jax.set_mesh(self.mesh):  # the model reads the mesh while traced
+      self.train_step = step_lib.compile_train(
+          setup, example, self._keys(0),
+          accum_steps=grad_accum_steps(self.config), shardings=shardings)
+      logging.info('compiled train step in %.1fs', time.time() - t0)
+      eval_example = next(data_lib.eval_batches(
+          self.task.source('validation'), self.eval_batch_size))[0]
+      self.eval_step = step_lib.compile_eval(
+          setup, self._batch(eval_example), self.eval_key,
+          shardings=shardings)
     train_memory = profile.compiled_memory(self.train_step)
     self._check_fits(train_memory['peak_bytes'], 'train step')
     self._check_fits(profile.compiled_memory(self.eval_step)['peak_bytes'],
@@ -214,6 +219,7 @@ class Trainer:
         'batch_size': self.config.train.batch_size,
         'device': profile.device_kind(),
         'device_count': jax.device_count(),
+        'mesh': sharding.describe(self.mesh),
         'train_step_flops': profile.compiled_flops(self.train_step),
         **{f'train_step_{k}': v for k, v in train_memory.items()},
     }
@@ -255,7 +261,7 @@ class Trainer:
     if restored is None:
       return 0, {'best_step': -1, 'best_score': 0.0, 'validation': {}}
     state, meta = restored
-    self.state = jax.device_put(state, self.replicated)
+    self.state = jax.device_put(state, self.state_sharding)
     logging.info('resumed from step %d', meta['step'])
     return meta['step'], meta
 
@@ -423,7 +429,7 @@ class Trainer:
     its earlier segments; this segment's time is added."""
     state, best_meta = self.ckpts.restore_best(self.state, meta['best_step'])
     test, examples_per_sec = self.evaluate(
-        jax.device_put(state, self.replicated), 'test')
+        jax.device_put(state, self.state_sharding), 'test')
     compute = dict(self.compute)
     compute['train_steps_per_sec'] = (
         totals['train_steps'] / totals['train_seconds']
