@@ -376,7 +376,10 @@ def run(text):
             'https://cloud.google.com/sdk/docs/install) or pass --dry_run to '
             'print the commands' % tool, file=sys.stderr)
       return 1
-  return subprocess.run(['bash', '-c', text], cwd=ROOT).returncode
+  try:
+    return subprocess.run(['bash', '-c', text], cwd=ROOT).returncode
+  except KeyboardInterrupt:
+    return 130
 
 
 def main(argv):

@@ -114,6 +114,26 @@ def test_doc_examples_are_the_dry_run_output():
     assert body == out, 'rerun: python scripts/cloud_tpu.py --update_doc'
 
 
+def test_a_run_executes_the_printed_commands(tmp_path):
+  """With a stand-in gcloud on PATH, a run calls gcloud with exactly the
+  arguments of the dry run's gcloud lines."""
+  log = tmp_path / 'calls'
+  fake = tmp_path / 'gcloud'
+  fake.write_text('#!/bin/sh\nprintf "%%s\\n" "$*" >> %s\n'
+                  'case "$*" in *describe*) echo ACTIVE ;; esac\n' % log)
+  fake.chmod(0o755)
+  flags = BASE + ['--spot', '--steps=create,wait,launch']
+  status, _, err = launcher(*flags, path='%s:/usr/bin:/bin' % tmp_path)
+  assert status == 0, err
+  printed = [' '.join(shlex.split(l.replace(' || exit 1', ''))[1:])
+             for l in gcloud_lines(dry_run('--spot', '--steps=create,wait,launch'))
+             if l.startswith('gcloud ')]
+  calls = log.read_text().splitlines()
+  assert calls[0] == printed[0]  # create
+  assert 'queued-resources describe attn-v5e' in calls[1]  # wait
+  assert calls[-1] == printed[-1]  # launch
+
+
 def test_without_gcloud_one_error_line(tmp_path):
   status, out, err = launcher(*BASE, path=str(tmp_path))
   assert status == 1 and out == ''
