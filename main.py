@@ -25,6 +25,13 @@ Modes (--mode):
             optionally --config=configs/visualize.py --config.examples=0,3
             (the run's own config builds the model).
 
+Several processes (a TPU pod slice, GPU hosts): the same command on every
+process; jax.distributed starts from the environment (SLURM, Cloud TPU) or
+from --coordinator=HOST:PORT --num_processes=N --process_id=I
+(utils/distributed.py), and config.mesh lays the run over all their
+devices. Only --mode=train runs over several processes; process 0 logs
+and writes the run's files. docs/cloud_tpu.md has the recipes.
+
 Exit status: 0 done (or stopped by --max_steps_this_run); 1 an error the
 user can fix, printed as one line starting with 'error:'; 143 (128 +
 SIGTERM) preempted: a checkpoint was saved and rerunning the same command
@@ -35,6 +42,8 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from utils import distributed
 
 MODES = ('train', 'evaluate', 'benchmark', 'compare', 'baselines',
          'visualize')
@@ -50,6 +59,18 @@ _KEEP_FREED_MEMORY = flags.DEFINE_bool(
     'keep_freed_memory', True, "Keep freed host memory in glibc's heap for "
     'reuse (no per-step mmap/munmap of large CPU buffers; faster on CPU, at '
     'the cost of holding the peak resident memory); see utils/host_memory.py.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator', None, 'HOST:PORT of process 0, for a run over several '
+    'processes (with --num_processes and --process_id; the same on all).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'How many processes the run has (with '
+    '--coordinator).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, "This process's index, 0 to --num_processes - 1.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Start jax.distributed with its own detection of '
+    'the cluster even where the environment names none (SLURM and '
+    'multi-host Cloud TPU are detected without it).')
 _STEPS_THIS_RUN = flags.DEFINE_integer(
     'max_steps_this_run', None, 'Stop (checkpointed) after this many steps, '
     'as a preemption would; rerun to resume.')
@@ -65,7 +86,11 @@ def run(mode, config, workdir):
     results = trainer.train_and_evaluate(
         config, workdir, max_steps_this_run=_STEPS_THIS_RUN.value)
     if results is not None and 'generation' not in results['metrics']['test']:
-      score_generation(workdir)
+      if distributed.multi_process():
+        logging.info('generation is scored on one process: run --mode=evaluate '
+                     '--workdir=%s there', workdir)
+      else:
+        score_generation(workdir)
   elif mode == 'evaluate':
     from train import trainer
     trainer.evaluate_run(workdir)
@@ -85,6 +110,23 @@ def run(mode, config, workdir):
       from configs import visualize as visualize_config
       config = visualize_config.get_config()
     visualize.run(config, workdir)
+
+
+def start_processes(mode):
+  """jax.distributed over several processes when the flags or the
+  environment ask for it; only process 0 logs progress."""
+  flags_given = distributed.check_flags(_COORDINATOR.value,
+                                        _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if not (flags_given or distributed.cluster() or _DISTRIBUTED.value):
+    return
+  if mode != 'train':
+    raise ValueError(f'--mode={mode} runs in one process; run it without '
+                     '--coordinator/--num_processes/--process_id/--distributed '
+                     '(and outside srun or a multi-host slice)')
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value, force=_DISTRIBUTED.value)
+  if not distributed.is_main():
+    logging.set_verbosity(logging.WARNING)
 
 
 def score_generation(workdir):
@@ -133,6 +175,7 @@ def main(argv):
     host_memory.keep_freed_memory()
   from train import trainer
   try:
+    start_processes(_MODE.value)
     run(_MODE.value, _CONFIG.value, _WORKDIR.value)
   except USER_ERRORS as e:
     fail(str(e))

@@ -32,6 +32,7 @@ from absl import logging
 from flax import nnx
 
 from train import writer as writer_lib
+from utils import distributed
 from utils import paths
 
 # Config fields that may differ between a run and its resumption: they steer
@@ -88,10 +89,11 @@ def claim_workdir(workdir: str, config: dict) -> None:
   """
   path = os.path.join(workdir, 'config.json')
   if not has_run(workdir):
-    if os.path.exists(path):
-      logging.info('%s: the earlier attempt here never checkpointed; '
-                   'recording this config instead', path)
-    writer_lib.write_json_atomic(path, config)
+    if distributed.is_main():  # the others check, but only one writes
+      if os.path.exists(path):
+        logging.info('%s: the earlier attempt here never checkpointed; '
+                     'recording this config instead', path)
+      writer_lib.write_json_atomic(path, config)
     return
   if not os.path.exists(path):
     raise ValueError(f'--workdir={workdir} holds checkpoints but no '
@@ -110,14 +112,15 @@ def claim_workdir(workdir: str, config: dict) -> None:
 
 
 def _host_leaves(tree) -> list[tuple[str, np.ndarray]]:
-  """(path, host array) of every leaf, fetched in one device_get."""
+  """(path, host array) of every leaf (gathered from every process when a
+  leaf is split over several: each process then digests the whole array)."""
   def plain(x):
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(
         x.dtype, jax.dtypes.prng_key):
       return jax.random.key_data(x)
     return x
   leaves = jax.tree_util.tree_flatten_with_path(
-      jax.device_get(jax.tree.map(plain, tree)))[0]
+      distributed.host_arrays(jax.tree.map(plain, tree)))[0]
   return [(jax.tree_util.keystr(path), np.asarray(x)) for path, x in leaves]
 
 
@@ -277,14 +280,17 @@ class _Kind:
     return new_state, dict(meta)
 
   def move_aside(self, step: int) -> str:
-    """Renames a step's directory into workdir/corrupt/; returns the path."""
+    """Renames a step's directory into workdir/corrupt/; returns the path.
+    With several processes, process 0 renames and the others wait."""
     os.makedirs(self.corrupt_root, exist_ok=True)
     target = os.path.join(self.corrupt_root, f'{self.name}.{step}')
     n = 1
     while os.path.exists(target):
       target = os.path.join(self.corrupt_root, f'{self.name}.{step}.{n}')
       n += 1
-    os.replace(os.path.join(self.path, str(step)), target)
+    if distributed.is_main():
+      os.replace(os.path.join(self.path, str(step)), target)
+    distributed.barrier(f'moved aside {self.path}/{step}')
     self.manager.reload()
     return target
 
@@ -301,12 +307,19 @@ class _Kind:
     for s in steps:
       try:
         with _quiet_orbax():
-          return self._read(s, state)
+          found, error = self._read(s, state), None
       except Exception as e:  # noqa: BLE001  orbax raises many types
-        target = self.move_aside(s)
-        moved.append(target)
-        logging.warning('checkpoint %s/%d is corrupt (%s); moved it to %s',
-                        self.shown, s, first_line(e), target)
+        found, error = None, e
+      # Each process reads its own shards: a step is good only if it
+      # restored on all of them, so they all go on with the same one.
+      if not distributed.any_process(error is not None):
+        return found
+      if error is None:
+        error = ValueError('it failed to restore on another process')
+      target = self.move_aside(s)
+      moved.append(target)
+      logging.warning('checkpoint %s/%d is corrupt (%s); moved it to %s',
+                      self.shown, s, first_line(error), target)
     raise CheckpointError(
         f'no checkpoint in {self.shown} restores (moved aside: '
         f'{", ".join(moved)})')

@@ -37,8 +37,9 @@ def compiled_memory(compiled) -> dict:
 
 
 def device_peak_bytes(device=None) -> int | None:
-  """Allocator peak bytes in use on GPU/TPU; None where not reported (CPU)."""
-  device = device or jax.devices()[0]
+  """Allocator peak bytes in use on this process's first GPU/TPU; None
+  where not reported (CPU)."""
+  device = device or jax.local_devices()[0]
   stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
   if not stats:
     return None
@@ -66,7 +67,7 @@ def host_available_bytes() -> int:
 def available_bytes(device=None) -> int | None:
   """Bytes the next program may allocate on `device`: the allocator's limit
   minus what is in use on GPU/TPU, the host's available memory on CPU."""
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]
   if device.platform == 'cpu':
     return host_available_bytes()
   stats = device.memory_stats() if hasattr(device, 'memory_stats') else None

@@ -33,6 +33,7 @@ from train import profile
 from train import sharding
 from train import step as step_lib
 from train import writer as writer_lib
+from utils import distributed
 from utils import progress as progress_lib
 from utils import provenance
 
@@ -152,7 +153,7 @@ class Trainer:
     # here, so a run that fails before its first checkpoint (compile error,
     # NaN, out of memory) leaves the next command free to change anything.
     ckpt_lib.claim_workdir(workdir, self.cfg_dict)
-    self.task = tasks.get(config.task, data_dir)
+    self.task = _task(config.task, data_dir)
     self.spec = config.attention.to_dict()
     self.setup = step_lib.build(config.model, self.spec, self.task,
                                 config.train, seed=config.seed)
@@ -170,8 +171,12 @@ class Trainer:
     self.data_sharding = sharding.batch_sharding(self.mesh)
     self.state_sharding = sharding.state_shardings(self.setup.state, self.mesh)
     self.state = jax.device_put(self.setup.state, self.state_sharding)
+    self.train_rows = process_rows(self.data_sharding,
+                                   config.train.batch_size)
+    self.eval_rows = process_rows(self.data_sharding, self.eval_batch_size)
     self.train_ds = data_lib.train_batches(
-        self.task.source('train'), config.train.batch_size, config.seed)
+        self.task.source('train'), config.train.batch_size, config.seed,
+        rows=self.train_rows)
     self.base_key = jax.random.key(config.seed)
     self.redraw_every = av.redraw_every(self.spec)
     # Evaluation uses one fixed attention key (LSH rotations fixed by seed).
@@ -185,8 +190,12 @@ class Trainer:
 
   # -- compilation -----------------------------------------------------------
 
-  def _batch(self, batch):
-    return jax.device_put(batch, self.data_sharding)
+  def _batch(self, batch, size: int):
+    """The global batch of `size` rows whose rows self.train_rows /
+    self.eval_rows this process read (all of them in a single process)."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(
+            self.data_sharding, x, (size, *x.shape[1:])), batch)
 
   def _keys(self, step):
     return step_lib.train_keys(self.base_key, step, self.redraw_every)
@@ -195,7 +204,7 @@ class Trainer:
     """Compiles the train and eval steps (ahead of time) and checks that
     they fit in the memory available, before any step runs."""
     setup = dataclasses.replace(self.setup, state=self.state)
-    example = self._batch(self.train_ds[0])
+    example = self._batch(self.train_ds[0], self.config.train.batch_size)
     t0 = time.time()
     shardings = step_lib.Shardings(self.state_sharding, self.data_sharding,
                                    self.replicated)
@@ -205,9 +214,11 @@ class Trainer:
           accum_steps=grad_accum_steps(self.config), shardings=shardings)
       logging.info('compiled train step in %.1fs', time.time() - t0)
       eval_example = next(data_lib.eval_batches(
-          self.task.source('validation'), self.eval_batch_size))[0]
+          self.task.source('validation'), self.eval_batch_size,
+          self.eval_rows))[0]
       self.eval_step = step_lib.compile_eval(
-          setup, self._batch(eval_example), self.eval_key,
+          setup, self._batch(eval_example, self.eval_batch_size),
+          self.eval_key,
           shardings=shardings)
     train_memory = profile.compiled_memory(self.train_step)
     self._check_fits(train_memory['peak_bytes'], 'train step')
@@ -242,8 +253,10 @@ class Trainer:
     t0, n = time.time(), 0
     source = self.task.source(split)
     logging.info('evaluating on %s (%d examples)', split, len(source))
-    for batch, real in data_lib.eval_batches(source, self.eval_batch_size):
-      out = jax.device_get(self.eval_step(state, self._batch(batch),
+    for batch, real in data_lib.eval_batches(source, self.eval_batch_size,
+                                             self.eval_rows):
+      batch = self._batch(batch, self.eval_batch_size)
+      out = distributed.host_arrays(self.eval_step(state, batch,
                                           self.eval_key))
       n += real
       for name, value in out.items():
@@ -352,7 +365,8 @@ class Trainer:
     totals = _totals(meta)
     window = dict(meta.get('log_window', {'loss_sum': 0.0, 'steps': 0}))
     self.compile()
-    self.writer = writer_lib.MetricWriter(self.workdir, resume_step=step)
+    self.writer = (writer_lib.MetricWriter(self.workdir, resume_step=step)
+                   if distributed.is_main() else writer_lib.NoWriter())
     previous = signal.signal(signal.SIGTERM, self._on_sigterm)
     try:
       stop_at = cfg.num_steps if max_steps_this_run is None else min(
@@ -360,11 +374,14 @@ class Trainer:
       pending, t_log, steps_since_log = [], time.time(), 0
       train_time, train_steps = 0.0, 0
       while step < stop_at and not self._stop_requested:
-        batch = self._batch(self.train_ds[step])
+        batch = self._batch(self.train_ds[step], cfg.batch_size)
         self.state, m = self.train_step(self.state, batch, self._keys(step))
         step += 1
         steps_since_log += 1
         pending.append((step, m))
+        # A SIGTERM reaches each process at its own moment: they stop
+        # together, at the first step after any of them got it.
+        self._stop_requested = distributed.any_process(self._stop_requested)
         boundary = (step % cfg.log_every == 0 or step % cfg.eval_every == 0
                     or step % cfg.checkpoint_every == 0 or step == stop_at
                     or self._stop_requested)
@@ -453,10 +470,36 @@ class Trainer:
         'code': provenance.code_version(),
     }
     path = os.path.join(self.workdir, 'results.json')
-    writer_lib.write_json_atomic(path, results)
+    if distributed.is_main():
+      writer_lib.write_json_atomic(path, results)
     logging.info('done: best step %d, test accuracy %.4f; results in %s',
                  results['best_step'], test['accuracy'], path)
     return results
+
+
+def _task(name_config, data_dir: str):
+  """The task; with several processes, process 0 generates or prepares its
+  data first and the others then read what it wrote."""
+  if distributed.is_main():
+    task = tasks.get(name_config, data_dir)
+  distributed.barrier('task data prepared')
+  if not distributed.is_main():
+    task = tasks.get(name_config, data_dir)
+  return task
+
+
+def process_rows(batch_sharding, batch_size: int) -> tuple[int, int]:
+  """(start, stop): the rows of a global batch that this process's devices
+  hold under `batch_sharding` (all of them in a single process)."""
+  slices = batch_sharding.addressable_devices_indices_map((batch_size,))
+  starts = sorted({sl[0].indices(batch_size)[:2] for sl in slices.values()})
+  start, stop = starts[0][0], starts[-1][1]
+  if sum(b - a for a, b in starts) != stop - start:
+    raise ValueError(f'this process\'s devices hold rows {starts} of the '
+                     'batch, not one range; order the mesh so each '
+                     "process's devices are adjacent along mesh.data x "
+                     'mesh.fsdp')
+  return start, stop
 
 
 def best_metric(head) -> tuple[str, str]:

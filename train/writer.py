@@ -120,3 +120,14 @@ class MetricWriter:
   def close(self):
     self._jsonl.close()
     self._tb.close()
+
+
+class NoWriter:
+  """A MetricWriter that writes nothing: the run's processes other than
+  process 0 (which writes the records of all of them)."""
+
+  def write(self, step: int, scalars: dict):
+    del step, scalars
+
+  def close(self):
+    pass
