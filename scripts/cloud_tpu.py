@@ -241,10 +241,12 @@ def mount_command(args):
 
 
 def train_words(args):
-  """The main.py command every worker runs."""
+  """The main.py command every worker runs. --distributed: jax.distributed
+  asks the TPU VM's metadata for the slice's workers (a GCE TPU VM sets no
+  environment variable main.py could see; utils/distributed.py)."""
   return (['.venv/bin/python', 'main.py', '--config=' + args.config,
-           '--workdir=' + args.workdir, '--config.data_dir=' + args.data_dir]
-          + list(args.extra))
+           '--workdir=' + args.workdir, '--config.data_dir=' + args.data_dir,
+           '--distributed'] + list(args.extra))
 
 
 def launch_command(args):

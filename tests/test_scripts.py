@@ -76,7 +76,7 @@ def test_install_mount_and_launch_run_on_every_worker():
   assert remote.startswith('--command=cd efficient-attention && ')
   assert ('.venv/bin/python main.py --config=configs/listops.py:lra '
           '--workdir=/mnt/gcs/runs/attn-v5e --config.data_dir=/mnt/gcs/tfds '
-          '--config.mesh.data=-1') in remote
+          '--distributed --config.mesh.data=-1') in remote
   scp = [l for l in gcloud_lines(out) if ' tpu-vm scp ' in l]
   assert len(scp) == 1 and '--worker=all' in scp[0].split()
 

@@ -95,6 +95,11 @@ def prepare_dir(path: str, what: str) -> None:
   """Creates a directory; ValueError naming `what` when it cannot be used."""
   if not path:
     raise ValueError(f'{what} is required')
+  if '://' in path:
+    raise ValueError(f'{what}={path}: URLs are not supported (the run reads '
+                     'and writes local files); mount the bucket, e.g. with '
+                     'Cloud Storage FUSE (docs/cloud_tpu.md), and give the '
+                     "mount's path")
   if os.path.exists(path) and not os.path.isdir(path):
     raise ValueError(f'{what}={path} is a file; give a directory')
   try:
