@@ -476,8 +476,15 @@ def attend(q, k, v, spec, *, mesh, axis='sequence', batch_axes=('data', 'fsdp'),
 
     def gathered(q, k, v, lengths, extras):
       return body(q, k, v, lengths.get('q'), lengths.get('kv'), extras)
+    # check_vma=False: the kinds' own loops start their carries from
+    # constants, which the varying-axes check would reject inside shard_map
+    # (the gathered arrays vary over the batch axes). Without the check,
+    # the transpose sums the replicated inputs' (learned) cotangents over
+    # the devices, which is their gradient: each device differentiates the
+    # loss of its own rows only.
     fn = jax.shard_map(gathered, mesh=mesh,
-                       in_specs=(seq, seq, seq, rows, P()), out_specs=seq)
+                       in_specs=(seq, seq, seq, rows, P()), out_specs=seq,
+                       check_vma=False)
     return fn(*_placed((q, k, v), mesh, seq), _placed(lengths, mesh, rows),
               _placed(extras, mesh, P()))
   if learned:
