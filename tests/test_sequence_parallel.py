@@ -11,9 +11,10 @@ XLA_FLAGS must force 4 host devices before jax is imported, and pytest's
 workers imported it already, so every case of a group is computed in ONE
 subprocess (tests/sequence_parallel_check.py, JAX_PLATFORMS=cpu) that prints
 JSON; the tests read it. The default group (about a minute on 2 cores)
-has every kind bidirectional, the ring and halo kinds causal too, the
-batch-sharded mesh, GQA-free heads, no padding, and a row with no key; the
-slow group (pytest -m slow) the other kinds' causal forms.
+has every kind bidirectional, full, local and longformer causal too, the
+batch-sharded mesh and a row with no key (kv length 0); the slow group
+(pytest -m slow) the other kinds' causal forms, the halo kinds on the
+batch-sharded mesh, heads without GQA and no padding, and n = 64.
 
 The errors are raised before any device work, so they are checked here
 against an abstract mesh.
@@ -35,12 +36,12 @@ EXACT = ('full', 'blockwise', 'local', 'longformer')  # ring and halo kinds
 
 FAST = ([kind for kind in av.KINDS]
         + [f'{kind}:causal' for kind in ('full', 'local', 'longformer')]
-        + ['full:causal:mesh=2x1x2', 'local:mesh=2x1x2',
-           'blockwise:causal:heads=2/2:nopad',
-           'full:causal:lengths=32,27/23,0'])
-SLOW = [f'{kind}:causal' for kind in av.KINDS
-        if kind not in ('full', 'local', 'longformer')
-        and av.supports_causal({'kind': kind})]
+        + ['full:causal:mesh=2x1x2', 'full:causal:lengths=32,27/23,0'])
+SLOW = ([f'{kind}:causal' for kind in av.KINDS
+         if kind not in ('full', 'local', 'longformer')
+         and av.supports_causal({'kind': kind})]
+        + ['local:mesh=2x1x2', 'longformer:causal:mesh=2x1x2',
+           'blockwise:causal:heads=2/2:nopad', 'full:n=64'])
 
 
 def _run(cases):
