@@ -14,6 +14,7 @@ scale max |want| (a case whose reference is all zeros would test nothing).
 import json
 import os
 import sys
+import time
 
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -124,5 +125,14 @@ def run(case):
   return result
 
 
+def main(cases):
+  results = {}
+  for case in cases:
+    start = time.perf_counter()
+    results[case] = run(case)
+    print(f'{case}: {time.perf_counter() - start:.1f} s', file=sys.stderr)
+  print(json.dumps(results))
+
+
 if __name__ == '__main__':
-  print(json.dumps({case: run(case) for case in sys.argv[1:]}))
+  main(sys.argv[1:])
