@@ -69,7 +69,9 @@ Strategy per kind (`strategy(kind)`; docs/ARCHITECTURE.md has the table):
           head_dim per row), and their reduce-scatters backward.
 
 No kind silently takes a pattern other than its own strategy. Rows with
-nothing to attend to are zeros, as in every variant.
+nothing to attend to are zeros, as in every variant. spec['implementation']
+reaches the kind only under gather (ring and halo are their own
+computation, equal to every implementation of their kinds).
 """
 from __future__ import annotations
 
@@ -410,10 +412,9 @@ def _gather_body(q, k, v, ql, kl, extras, *, spec, axis, causal):
 
 
 def _body(spec, *, axis, n_dev, causal, n):
-  """The per-device function for spec's strategy, and whether it takes the
-  lengths as given (gather: None stays None) and the extras (rng,
-  learned)."""
-  variant, params, _ = av.resolve(spec)
+  """The per-device function of spec's strategy (ValueError for a window or
+  num_global longer than the shard)."""
+  _, params, _ = av.resolve(spec)
   kind = spec['kind']
   strat = strategy(kind)
   common = dict(axis=axis, n_dev=n_dev, causal=causal)
@@ -434,9 +435,7 @@ def _body(spec, *, axis, n_dev, causal, n):
     return functools.partial(_longformer_body, window=params['window'],
                              n_global=n_global, block=params['block'],
                              **common)
-  del variant
-  body = functools.partial(_gather_body, spec=spec, axis=axis, causal=causal)
-  return body
+  return functools.partial(_gather_body, spec=spec, axis=axis, causal=causal)
 
 
 def attend(q, k, v, spec, *, mesh, axis='sequence', batch_axes=('data', 'fsdp'),
