@@ -85,12 +85,71 @@ def _block_scores(qi, kj, i, j, ql, kl, plan):
 
   Masked entries (padding, future keys when causal) are NEG_INF.
   """
+  return masked_scores(qi, kj, i * plan.q_block + jnp.arange(plan.q_block),
+                       j * plan.kv_block + jnp.arange(plan.kv_block), ql, kl,
+                       causal=plan.causal, scale=plan.scale)
+
+
+def masked_scores(qi, kj, q_pos, k_pos, ql, kl, *, causal, scale):
+  """Scaled float32 scores [b, kvh, g, tq, tk] of queries qi [b, kvh, g, tq,
+  d] at absolute positions q_pos [tq] against keys kj [b, kvh, tk, d] at
+  k_pos [tk]; NEG_INF where masked (padding, future keys when causal)."""
   s = jnp.einsum('bkgqd,bksd->bkgqs', qi, kj,
-                 preferred_element_type=jnp.float32) * plan.scale
-  q_pos = i * plan.q_block + jnp.arange(plan.q_block)
-  k_pos = j * plan.kv_block + jnp.arange(plan.kv_block)
-  ok = masks.allowed(q_pos[None], k_pos[None], ql, kl, causal=plan.causal)
+                 preferred_element_type=jnp.float32) * scale
+  ok = masks.allowed(q_pos[None], k_pos[None], ql, kl, causal=causal)
   return jnp.where(ok[:, None, None], s, masks.NEG_INF)
+
+
+def online_step(carry, s, vj):
+  """One online-softmax update of (running max m, running sum l, output
+  accumulator acc) by the masked scores s [..., tq, tk] of values vj."""
+  m, l, acc = carry
+  m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+  # A row with no visible key yet has max NEG_INF; shifting it by 0 instead
+  # makes its masked scores exp to 0 rather than 1.
+  shift = jnp.where(m_new == masks.NEG_INF, 0.0, m_new)
+  p = jnp.exp(s - shift[..., None])
+  correction = jnp.exp(m - shift)
+  l = l * correction + jnp.sum(p, axis=-1)
+  pv = jnp.einsum('bkgqs,bksd->bkgqd', p.astype(vj.dtype), vj,
+                  preferred_element_type=jnp.float32)
+  return m_new, l, acc * correction[..., None] + pv
+
+
+def initial_stats(qi):
+  """online_step's starting (m, l, acc) for queries qi [..., tq, d]."""
+  stat_shape = qi.shape[:-1]
+  return (jnp.full(stat_shape, masks.NEG_INF, jnp.float32),
+          jnp.zeros(stat_shape, jnp.float32),
+          jnp.zeros(qi.shape, jnp.float32))
+
+
+def finish(m, l, acc):
+  """(float32 output, log-sum-exp) from the final online-softmax stats."""
+  has_key = l > 0.0
+  out = acc / jnp.where(has_key, l, 1.0)[..., None]
+  # +huge for empty rows: exp(score - lse) is then 0 for every key in the
+  # backward pass, so those rows get zero gradients without another mask.
+  lse = jnp.where(has_key, m + jnp.log(jnp.where(has_key, l, 1.0)),
+                  -masks.NEG_INF)
+  return out, lse
+
+
+def tile_grads(qi, kj, vj, doi, s, lse_i, delta_i, scale):
+  """(dq_i, dk_j, dv_j) float32 of one (query tile, key tile) pair from its
+  masked scores s, recomputing p = exp(s - lse); delta_i = dout_i . out_i
+  (FlashAttention-2's rowsum(dP * P))."""
+  p = jnp.exp(s - lse_i[..., None])
+  dv = jnp.einsum('bkgqs,bkgqd->bksd', p.astype(doi.dtype), doi,
+                  preferred_element_type=jnp.float32)
+  dp = jnp.einsum('bkgqd,bksd->bkgqs', doi, vj,
+                  preferred_element_type=jnp.float32)
+  ds = p * (dp - delta_i[..., None]) * scale
+  dq = jnp.einsum('bkgqs,bksd->bkgqd', ds.astype(kj.dtype), kj,
+                  preferred_element_type=jnp.float32)
+  dk = jnp.einsum('bkgqs,bkgqd->bksd', ds.astype(qi.dtype), qi,
+                  preferred_element_type=jnp.float32)
+  return dq, dk, dv
 
 
 def _kv_block_range(i, n_kv_blocks, ql, kl, plan):
@@ -114,34 +173,12 @@ def _q_block_range(j, n_q_blocks, ql, kl, plan):
 
 def _query_block_forward(qi, i, kb, vb, ql, kl, plan):
   """Output [b, kvh, g, qb, d] (float32) and log-sum-exp [b, kvh, g, qb]."""
-  stat_shape = qi.shape[:-1]
-  init = (jnp.full(stat_shape, masks.NEG_INF, jnp.float32),
-          jnp.zeros(stat_shape, jnp.float32),
-          jnp.zeros(qi.shape, jnp.float32))
-
   def step(j, carry):
-    m, l, acc = carry
-    s = _block_scores(qi, kb[j], i, j, ql, kl, plan)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    # A row with no visible key yet has max NEG_INF; shifting it by 0 instead
-    # makes its masked scores exp to 0 rather than 1.
-    shift = jnp.where(m_new == masks.NEG_INF, 0.0, m_new)
-    p = jnp.exp(s - shift[..., None])
-    correction = jnp.exp(m - shift)
-    l = l * correction + jnp.sum(p, axis=-1)
-    pv = jnp.einsum('bkgqs,bksd->bkgqd', p.astype(vb.dtype), vb[j],
-                    preferred_element_type=jnp.float32)
-    return m_new, l, acc * correction[..., None] + pv
+    return online_step(carry, _block_scores(qi, kb[j], i, j, ql, kl, plan),
+                       vb[j])
 
   lo, hi = _kv_block_range(i, kb.shape[0], ql, kl, plan)
-  m, l, acc = lax.fori_loop(lo, hi, step, init)
-  has_key = l > 0.0
-  out = acc / jnp.where(has_key, l, 1.0)[..., None]
-  # +huge for empty rows: exp(score - lse) is then 0 for every key in the
-  # backward pass, so those rows get zero gradients without another mask.
-  lse = jnp.where(has_key, m + jnp.log(jnp.where(has_key, l, 1.0)),
-                  -masks.NEG_INF)
-  return out, lse
+  return finish(*lax.fori_loop(lo, hi, step, initial_stats(qi)))
 
 
 def _forward(qb, kb, vb, ql, kl, plan):
@@ -163,29 +200,26 @@ def _blocked_attention_fwd(qb, kb, vb, ql, kl, plan):
   return out, (qb, kb, vb, ql, kl, out, lse)
 
 
+def row_deltas(dout, out):
+  """delta_i = sum_j p_ij dp_ij = dout_i . out_i (FlashAttention-2, eq. for
+  dS), float32 over the last axis."""
+  return jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+
+
 def _blocked_attention_bwd(plan, residuals, dout):
   """Gradients w.r.t. blocked q, k, v; scores recomputed block by block."""
   qb, kb, vb, ql, kl, out, lse = residuals
-  # delta_i = sum_j p_ij dp_ij = dout_i . out_i (FlashAttention-2, eq. for dS).
-  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  delta = row_deltas(dout, out)
 
   def kv_step(dq, xs):
     kj, vj, j = xs
 
     def q_step(i, carry):
       dq, dk, dv = carry
-      qi, doi = qb[i], dout[i]
-      s = _block_scores(qi, kj, i, j, ql, kl, plan)
-      p = jnp.exp(s - lse[i][..., None])
-      dv += jnp.einsum('bkgqs,bkgqd->bksd', p.astype(doi.dtype), doi,
-                       preferred_element_type=jnp.float32)
-      dp = jnp.einsum('bkgqd,bksd->bkgqs', doi, vj,
-                      preferred_element_type=jnp.float32)
-      ds = p * (dp - delta[i][..., None]) * plan.scale
-      dq_i = jnp.einsum('bkgqs,bksd->bkgqd', ds.astype(kj.dtype), kj,
-                        preferred_element_type=jnp.float32)
-      dk += jnp.einsum('bkgqs,bkgqd->bksd', ds.astype(qi.dtype), qi,
-                       preferred_element_type=jnp.float32)
+      s = _block_scores(qb[i], kj, i, j, ql, kl, plan)
+      dq_i, dk_j, dv_j = tile_grads(qb[i], kj, vj, dout[i], s, lse[i],
+                                    delta[i], plan.scale)
+      dk, dv = dk + dk_j, dv + dv_j
       return dq.at[i].add(dq_i), dk, dv
 
     zeros = jnp.zeros(kj.shape, jnp.float32)

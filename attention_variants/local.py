@@ -82,14 +82,32 @@ def window_mask(q, k, *, causal, q_lengths, kv_lengths, left, right):
 def local_attention(q, k, v, *, causal, q_lengths, kv_lengths, left, right,
                     block):
   """Windowed attention [b, q_len, h, d] in O(N x window) time and memory."""
+  masks.check_inputs(q, k, v)
+  n_q, n_k = q.shape[1], k.shape[1]
+  ql, kl = masks.valid_lengths(q, k, q_lengths, kv_lengths)
+  # Bounded so that i - left cannot overflow int32.
+  left, right = min(left, n_q + n_k), min(right, n_q + n_k)
+  return banded_attention(q, k, v, ql, kl, causal=causal, left=left,
+                          right=right, block=block)
+
+
+def banded_attention(q, k, v, ql, kl, *, causal, left, right, block,
+                     q_offset=0, k_offset=0):
+  """The block-by-block window computation of the module docstring.
+
+  q [b, n_q, h, d] holds the queries at absolute positions q_offset ..
+  q_offset + n_q - 1 and k, v [b, n_k, kv_heads, d] the keys at k_offset ..
+  k_offset + n_k - 1 (offsets may be traced: a shard of a longer sequence,
+  its keys extended by the neighbours' halos, sequence_parallel.py). ql, kl
+  are int32 [batch] valid lengths in absolute positions; keys at negative
+  positions (a halo before the sequence start) are masked. The caller
+  bounds left and right.
+  """
   kv_heads, groups = masks.check_inputs(q, k, v)
   b, n_q, h, d = q.shape
   n_k = k.shape[1]
-  ql, kl = masks.valid_lengths(q, k, q_lengths, kv_lengths)
   block = min(block, max(n_q, 1))
   steps = masks.ceil_div(n_q, block)
-  # Bounded so that i - left cannot overflow int32.
-  left, right = min(left, n_q + n_k), min(right, n_q + n_k)
   # Keys a query block can reach; a window wider than the sequence costs no
   # more than full attention.
   width = min(block + left + right, n_k)
@@ -101,18 +119,19 @@ def local_attention(q, k, v, *, causal, q_lengths, kv_lengths, left, right,
 
   def step(_, xs):
     qb, i = xs
-    first = i * block
-    # Clamping keeps the slice inside the sequence; it still holds every key
-    # the block can see (those lie in [0, n_k) and in the unclamped run).
-    start = jnp.clip(first - left, 0, n_k - width)
+    first = q_offset + i * block
+    # Clamping keeps the slice inside k; it still holds every key the block
+    # can see (those lie in k and in the unclamped run).
+    start = jnp.clip(first - left - k_offset, 0, n_k - width)
     kw = lax.dynamic_slice_in_dim(k, start, width, axis=1)
     vw = lax.dynamic_slice_in_dim(v, start, width, axis=1)
     qb = qb.reshape(b, block, kv_heads, groups, d)
     s = jnp.einsum('bqkgd,bskd->bkgqs', qb, kw,
                    preferred_element_type=jnp.float32) * scale
-    ok = masks.allowed((first + jnp.arange(block))[None],
-                       (start + jnp.arange(width))[None], ql, kl,
+    k_pos = k_offset + start + jnp.arange(width)
+    ok = masks.allowed((first + jnp.arange(block))[None], k_pos[None], ql, kl,
                        causal=causal, left=left, right=right)
+    ok &= (k_pos >= 0)[None, None]
     p = masks.masked_softmax(s, ok[:, None, None])
     out = jnp.einsum('bkgqs,bskd->bqkgd', p.astype(vw.dtype), vw,
                      preferred_element_type=jnp.float32)

@@ -103,30 +103,47 @@ def _global_rows(q, k, v, ql, kl, causal, n_rows):
 def _window_rows(q, k, v, ql, kl, causal, *, window, n_global, block):
   """Query rows n_global .. n_q - 1: window keys and the first n_global
   keys in one softmax per row, block by block; [b, n_q - n_global, h, d]."""
+  n_gk = min(n_global, k.shape[1])
+  return window_rows(q, k, v, k[:, :n_gk], v[:, :n_gk], ql, kl,
+                     causal=causal, window=window, block=block,
+                     first_row=n_global)
+
+
+def window_rows(q, k, v, gk, gv, ql, kl, *, causal, window, block,
+                first_row=0, q_offset=0, k_offset=0):
+  """Rows first_row .. n_q - 1 of q [b, n_q, h, d]: their window keys,
+  sliced from k, v, and the global keys gk, gv [b, g, kv_heads, d]
+  (positions 0 .. g - 1) in one softmax per row; [b, n_q - first_row, h, d].
+
+  q holds absolute positions q_offset .., k and v k_offset .. (traced
+  offsets allowed: a shard and its halos, sequence_parallel.py); ql, kl are
+  valid lengths in absolute positions. Window keys at positions < g (they
+  are in the global part) or < 0 (a halo before the sequence) are masked.
+  """
   kv_heads, groups = masks.check_inputs(q, k, v)
   b, n_q, h, d = q.shape
   n_k = k.shape[1]
   left, right = window, 0 if causal else window
   block = min(block, max(n_q, 1))
   total = masks.ceil_div(n_q, block)
-  skip = n_global // block  # blocks made of global rows only
+  skip = first_row // block  # blocks made of skipped (global) rows only
   steps = total - skip
   width = min(block + left + right, n_k)
   scale = masks.default_scale(d)
   qs = masks.pad_to_multiple(q, 1, block).reshape(
       b, total, block, kv_heads, groups, d)[:, skip:]
   qs = jnp.moveaxis(qs, 1, 0)  # [steps, b, block, kv_heads, groups, d]
-  n_gk = min(n_global, n_k)
+  n_gk = gk.shape[1]
   if n_gk:
-    gk, gv = key_layout(k[:, None, :n_gk], v[:, None, :n_gk])
+    gk, gv = key_layout(gk[:, None], gv[:, None])
     g_pos = jnp.arange(n_gk)[None]
 
   def step(_, xs):
     qb, c = xs
-    first = (skip + c) * block
+    first = q_offset + (skip + c) * block
     q_pos = for_allowed((first + jnp.arange(block))[None])
-    start = jnp.clip(first - left, 0, n_k - width)
-    k_pos = (start + jnp.arange(width))[None]
+    start = jnp.clip(first - left - k_offset, 0, n_k - width)
+    k_pos = (k_offset + start + jnp.arange(width))[None]
     kw, vw = (lax.dynamic_slice_in_dim(x, start, width, axis=1)[:, None]
               for x in (k, v))
     kw, vw = key_layout(kw, vw)
@@ -144,7 +161,7 @@ def _window_rows(q, k, v, ql, kl, causal, *, window, n_global, block):
   step = jax.checkpoint(step, prevent_cse=False)
   _, out = lax.scan(step, None, (qs, jnp.arange(steps)))
   out = jnp.moveaxis(out, 0, 1).reshape(b, steps * block, h, d)
-  return out[:, n_global - skip * block:n_q - skip * block]
+  return out[:, first_row - skip * block:n_q - skip * block]
 
 
 def longformer_attention(q, k, v, *, causal, q_lengths, kv_lengths, window,
