@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 import attention_variants as av
+from attention_variants import sequence_parallel
 
 POS_EMBS = ('learned', 'sinusoidal')
 # Mesh axes the model knows by name (train/sharding.py builds the mesh): the
@@ -108,7 +109,6 @@ class Attention(nnx.Module):
     if mesh is None:
       y = av.attend(q, k, v, self.spec, **kw)
     else:
-      from attention_variants import sequence_parallel  # TODO(merge): top
       y = sequence_parallel.attend(
           q, k, v, self.spec, mesh=mesh, axis=SEQUENCE_AXIS,
           batch_axes=tuple(a for a in BATCH_AXES if a in mesh.shape), **kw)

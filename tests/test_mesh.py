@@ -25,7 +25,7 @@ from train import step as step_lib
 from train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MESHES = [(8, 1, 1), (2, 4, 1)]  # (2, 1, 4) once attention is sequence-parallel
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 1, 4)]
 TOL = 1e-5
 TIMING = ('train/steps_per_sec', 'validation/examples_per_sec')
 
