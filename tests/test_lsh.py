@@ -190,8 +190,8 @@ def test_weights_follow_the_hashed_chunks(n_buckets):
 # 4-token chunks are 6 chunks: one step (512), 3 steps of 2 chunks (8), or a
 # step of 4 chunks and a shorter one of 2 (16).
 @pytest.mark.parametrize('causal, shared_qk, step_rows', [
-    (False, False, 512), (True, True, 512), (True, False, 16),
-    (False, True, 8)])
+    pytest.param(False, False, 512, marks=pytest.mark.slow),
+    (True, True, 512), (True, False, 16), (False, True, 8)])
 def test_chunked_matches_dense_pattern_reference(causal, shared_qk, step_rows,
                                                  monkeypatch):
   """The chunked path equals an O(N^2) computation of the same pattern."""

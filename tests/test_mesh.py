@@ -1,9 +1,10 @@
 """The device mesh (train/sharding.py): its validation, the parameter
 layout, and the same training on every mesh.
 
-The equivalence test trains the ListOps smoke run (global batch 16, 6
-steps) on 8 forced CPU devices as meshes data x fsdp x sequence = (8,1,1),
-(2,4,1) and (2,1,4) in one subprocess, and on one device here; the losses
+The equivalence tests train the ListOps smoke run (global batch 16, 6
+steps) on 8 forced CPU devices, in one subprocess, as the mesh data x fsdp
+x sequence = (2,2,2) (default) and as (8,1,1), (2,4,1) and (2,1,4)
+(`-m slow`), and on one device here; the losses
 agree to 1e-5 (relative) and every array of the last checkpoint to 1e-5
 (absolute + relative), float32: the meshes only change the order of
 floating-point sums.
@@ -136,35 +137,53 @@ def _checkpoint(workdir, template):
 
 
 @pytest.fixture(scope='module')
-def mesh_runs(data_dir, tmp_path_factory):
-  """{mesh: workdir} trained on 8 forced devices, and the 1-device run."""
-  root = tmp_path_factory.mktemp('meshes')
+def single_run(data_dir, tmp_path_factory):
+  """(config, workdir) of the smoke run on this process's one device."""
   config = tasks.get_config('listops', 'smoke')
   config.data_dir = data_dir
-  single = str(root / 'single')
+  single = str(tmp_path_factory.mktemp('single') / 'run')
   trainer.train_and_evaluate(config, single)  # prepares the data too
+  return config, single
+
+
+def _mesh_runs(meshes, data_dir, root) -> dict:
+  """{workdir: {'mesh', 'specs'}} of the smoke run on each mesh, trained
+  in one subprocess on 8 forced devices."""
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
              JAX_PLATFORMS='cpu')
   proc = subprocess.run(
-      [sys.executable, '-c', _RUN_MESHES, json.dumps(MESHES), data_dir,
+      [sys.executable, '-c', _RUN_MESHES, json.dumps(meshes), data_dir,
        str(root)], cwd=ROOT, env=env, capture_output=True, text=True,
       timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  runs = json.loads(proc.stdout.strip().splitlines()[-1])
-  return config, single, runs
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_every_mesh_trains_the_same_model(mesh_runs):
-  config, single, runs = mesh_runs
+def test_one_mesh_of_every_axis_trains_the_same_model(single_run, tmp_path):
+  """Default: data x fsdp x sequence = 2 x 2 x 2 at once (the parameters
+  sharded, the batch split four ways, ring attention over 2 devices)."""
+  config, single = single_run
+  runs = _mesh_runs([(2, 2, 2)], config.data_dir, tmp_path)
+  _check_same_model(config, single, runs, [(2, 2, 2)])
+
+
+@pytest.mark.slow
+def test_every_mesh_trains_the_same_model(single_run, tmp_path):
+  config, single = single_run
+  runs = _mesh_runs(MESHES, config.data_dir, tmp_path)
+  _check_same_model(config, single, runs, MESHES)
+
+
+def _check_same_model(config, single, runs, meshes):
   task = tasks.get(config.task, config.data_dir)
   template = step_lib.build(config.model, config.attention.to_dict(), task,
                             config.train, seed=config.seed).state
   want_records = _records(single)
   want_params, want_meta = _checkpoint(single, template)
-  assert len(runs) == len(MESHES)
+  assert len(runs) == len(meshes)
   for workdir, info in runs.items():
     mesh = tuple(info['mesh'][a] for a in sharding.AXES)
-    assert mesh in MESHES and info['mesh']['devices'] == 8
+    assert mesh in meshes and info['mesh']['devices'] == 8
     got = _records(workdir)
     assert [r.keys() for r in got] == [r.keys() for r in want_records]
     for g, w in zip(got, want_records):

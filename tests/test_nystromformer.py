@@ -133,8 +133,8 @@ def test_landmarks_are_segment_means_of_valid_positions(n, length, m):
 
 @pytest.mark.parametrize('m,n_q,n_k,kv_heads', [
     (4, 21, 21, 2),    # m does not divide 21
-    (7, 21, 21, 4),    # divides it; no GQA
-    (5, 13, 22, 1),    # more keys than queries
+    pytest.param(7, 21, 21, 4, marks=pytest.mark.slow),  # divides; no GQA
+    pytest.param(5, 13, 22, 1, marks=pytest.mark.slow),  # more keys
     (8, 22, 13, 2),    # more queries than keys; row 3 has 3 < m keys
 ])
 def test_matches_dense_f_pinv_a_b(m, n_q, n_k, kv_heads):

@@ -101,10 +101,13 @@ def test_error_against_softmax_falls_with_more_features():
 
 @pytest.mark.parametrize('causal', [False, True], ids=['bidir', 'causal'])
 @pytest.mark.parametrize('chunk,n_q,n_k,kv_heads,m', [
-    (7, 21, 21, 2, 16),   # chunk divides the length: 3 chunks
+    # chunk divides the length: 3 chunks
+    pytest.param(7, 21, 21, 2, 16, marks=pytest.mark.slow),
     (4, 21, 21, 2, 20),   # does not: padded to 24; m not a multiple of d
-    (64, 21, 21, 4, 5),   # chunk clamped to one; m < d; no GQA
-    (5, 13, 22, 1, 12),   # more keys than queries
+    # chunk clamped to one; m < d; no GQA
+    pytest.param(64, 21, 21, 4, 5, marks=pytest.mark.slow),
+    # more keys than queries
+    pytest.param(5, 13, 22, 1, 12, marks=pytest.mark.slow),
     (3, 22, 13, 2, 8),    # more queries than keys
 ])
 def test_matches_dense_kernel_attention(chunk, n_q, n_k, kv_heads, m,
