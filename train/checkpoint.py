@@ -44,7 +44,7 @@ from utils import paths
 # bits of floating point, never in what they mean.
 RUN_CONTROL_FIELDS = ('data_dir', 'train.log_every', 'train.checkpoint_every',
                       'train.eval_batch_size', 'train.grad_accum_steps',
-                      'attention.implementation')
+                      'model.remat', 'attention.implementation')
 # Blocks read only after training: what to generate and score at the end.
 RUN_CONTROL_BLOCKS = ('generation.',)
 
