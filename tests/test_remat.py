@@ -169,3 +169,17 @@ def test_memory_fit_compiles_from_abstract_inputs():
   config.data_dir = '/nonexistent'   # nothing may be generated or read
   measured = memory_fit.measure(config, 'block', 2)
   assert measured['peak_bytes'] > 0 and measured['params'] > 0
+
+
+def test_remat_trains_the_same_model(smoke_config, tmp_path):
+  """The trainer end to end (2 layers, dropout): the same evaluation."""
+  from train import trainer
+  overrides = dict(model__num_layers=2, model__dropout=0.1,
+                   train__eps=1e-4)  # eps: see _config
+  plain = trainer.train_and_evaluate(smoke_config(**overrides),
+                                     str(tmp_path / 'a'))
+  other = trainer.train_and_evaluate(
+      smoke_config(model__remat='block', **overrides), str(tmp_path / 'b'))
+  for split in ('validation', 'test'):
+    assert other['metrics'][split]['loss'] == pytest.approx(
+        plain['metrics'][split]['loss'], rel=1e-4)
