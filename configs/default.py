@@ -32,6 +32,13 @@ def base() -> ml_collections.ConfigDict:
       pair_norm='batch',        # match head: 'batch' (BatchNorm of the pooled
                                 # encodings) | 'none' (LRA's head)
       dtype='float32',          # activation dtype: 'float32' | 'bfloat16'
+      remat='none',             # recompute in the backward pass instead of
+                                # keeping activations (same model and
+                                # gradients, more compute): 'none' | 'block'
+                                # (the blocks run as a lax.scan, each keeping
+                                # only its input) | 'attention' (each
+                                # attention call keeps only q, k, v); policy
+                                # nothing_saveable (models/transformer.py)
   ))
 
   # What is computed (kind + that kind's block) and how (implementation).

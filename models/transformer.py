@@ -2,11 +2,14 @@
 
 Pre-LayerNorm blocks; learned or sinusoidal positions; a final LayerNorm.
 Attention is called only through `attention_variants.attend`, with padding
-given as lengths, so a variant swap is one config field. The encoder knows
+given as lengths, so a variant swap is one config field. `model.remat`
+trades compute for activation memory (Encoder: `_scan_blocks`). The encoder knows
 nothing of tasks: `Model` pairs it with a head (tasks/heads), which decides
 how the encoder is used and what comes out.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +27,13 @@ POS_EMBS = ('learned', 'sinusoidal')
 BATCH_AXES = ('data', 'fsdp')
 SEQUENCE_AXIS = 'sequence'
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# model.remat: what the backward pass recomputes instead of keeping.
+REMATS = ('none', 'block', 'attention')
+# Save nothing inside a rematerialised region (only its inputs, which the
+# caller holds anyway): the least memory, for one more forward pass of the
+# region. dots_with_no_batch_dims_saveable would keep every projection's
+# and the MLP's outputs, most of what `block` is there to drop.
+REMAT_POLICY = jax.checkpoint_policies.nothing_saveable
 
 
 def dropout(x, rate: float, rng):
@@ -62,7 +72,7 @@ class Attention(nnx.Module):
   """Multi-head (grouped-query) self-attention through `av.attend`."""
 
   def __init__(self, dim, num_heads, num_kv_heads, spec, *, max_len, dtype,
-               rngs):
+               rngs, remat=False):
     if dim % num_heads:
       raise ValueError(f'model.dim={dim} must be divisible by '
                        f'model.num_heads={num_heads}')
@@ -72,6 +82,7 @@ class Attention(nnx.Module):
     self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
     self.head_dim = dim // num_heads
     self.spec, self.dtype = spec, dtype
+    self.remat = remat            # recompute av.attend in the backward pass
     lin = lambda i, o: nnx.Linear(i, o, dtype=dtype, rngs=rngs)
     self.query = lin(dim, num_heads * self.head_dim)
     self.key = lin(dim, num_kv_heads * self.head_dim)
@@ -103,15 +114,19 @@ class Attention(nnx.Module):
 
   def __call__(self, x, lengths, *, causal, attention_rng):
     q, k, v = self._qkv(x)
-    kw = dict(causal=causal, q_lengths=lengths, kv_lengths=lengths,
-              rng=attention_rng, learned=self._learned())
     mesh = sequence_mesh()
-    if mesh is None:
-      y = av.attend(q, k, v, self.spec, **kw)
-    else:
-      y = sequence_parallel.attend(
+
+    def attend(q, k, v, lengths, rng, learned):
+      kw = dict(causal=causal, q_lengths=lengths, kv_lengths=lengths,
+                rng=rng, learned=learned)
+      if mesh is None:
+        return av.attend(q, k, v, self.spec, **kw)
+      return sequence_parallel.attend(
           q, k, v, self.spec, mesh=mesh, axis=SEQUENCE_AXIS,
           batch_axes=tuple(a for a in BATCH_AXES if a in mesh.shape), **kw)
+    if self.remat:  # keep q, k, v; recompute the variant's internals
+      attend = jax.checkpoint(attend, policy=REMAT_POLICY)
+    y = attend(q, k, v, lengths, attention_rng, self._learned())
     return self.out(y.reshape(x.shape[0], x.shape[1], -1))
 
   def decode_init(self, batch, max_len, *, attention_rng):
@@ -148,7 +163,8 @@ class Block(nnx.Module):
     kv_heads = cfg.num_kv_heads or cfg.num_heads
     self.ln1 = nnx.LayerNorm(cfg.dim, dtype=dtype, rngs=rngs)
     self.attn = Attention(cfg.dim, cfg.num_heads, kv_heads, spec,
-                          max_len=max_len, dtype=dtype, rngs=rngs)
+                          max_len=max_len, dtype=dtype, rngs=rngs,
+                          remat=remat(cfg) == 'attention')
     self.ln2 = nnx.LayerNorm(cfg.dim, dtype=dtype, rngs=rngs)
     self.mlp_in = nnx.Linear(cfg.dim, cfg.mlp_dim, dtype=dtype, rngs=rngs)
     self.mlp_out = nnx.Linear(cfg.mlp_dim, cfg.dim, dtype=dtype, rngs=rngs)
@@ -194,6 +210,15 @@ def sinusoidal(max_len: int, dim: int) -> np.ndarray:
   return table
 
 
+def remat(model_cfg) -> str:
+  """model.remat ('none' for a config written before the field existed, as
+  an older run's config.json); ValueError naming the field otherwise."""
+  value = model_cfg.get('remat', 'none')
+  if value not in REMATS:
+    raise ValueError(f'model.remat={value!r}; valid: {", ".join(REMATS)}')
+  return value
+
+
 def activation_dtype(model_cfg):
   """The jnp dtype of model.dtype; ValueError naming the field otherwise."""
   if model_cfg.dtype not in DTYPES:
@@ -207,6 +232,12 @@ class Encoder(nnx.Module):
 
   __call__(inputs int [b, n], lengths int [b], *, attention_rng,
   dropout_rng=None) returns [b, n, dim] in the activation dtype.
+
+  model.remat='block' runs the blocks as one rematerialised lax.scan over
+  their parameters stacked on the fly (`_scan_blocks`); 'attention'
+  rematerialises each av.attend call (Attention) in the usual loop. The
+  parameters stay one Block per layer either way, so initialisation,
+  checkpoints, decoding and attention maps are those of model.remat='none'.
   """
 
   def __init__(self, cfg, spec, *, vocab_size, max_len, causal, rngs):
@@ -224,6 +255,7 @@ class Encoder(nnx.Module):
                        '(0: as many as model.num_heads)')
     av.validate(spec)
     self.causal, self.rate = causal, cfg.dropout
+    self.remat = remat(cfg)
     self.embed = nnx.Embed(vocab_size, cfg.dim, dtype=dtype, rngs=rngs)
     if cfg.pos_emb == 'learned':
       self.pos = nnx.Param(
@@ -242,12 +274,60 @@ class Encoder(nnx.Module):
   def __call__(self, inputs, lengths, *, attention_rng, dropout_rng=None):
     rngs = _split(dropout_rng, len(self.blocks) + 1)
     x = dropout(self._embed(inputs), self.rate, rngs[-1])
+    if self.remat == 'block':
+      return self.ln(self._scan_blocks(x, lengths, attention_rng, rngs[:-1]))
     for i, block in enumerate(self.blocks):
       x = constrain_activations(x)
       x = block(x, lengths, causal=self.causal,
                 attention_rng=jax.random.fold_in(attention_rng, i),
                 dropout_rng=rngs[i])
     return self.ln(x)
+
+  def _scan_blocks(self, x, lengths, attention_rng, dropout_rngs):
+    """The loop of __call__ as a lax.scan over the blocks' states stacked
+    here (a copy of the parameters; gradients flow back to each block's
+    own), the same keys per layer. With model.remat='block' the scan body
+    is rematerialised (REMAT_POLICY): the backward pass keeps only each
+    block's input and recomputes one block at a time. XLA:CPU's memory
+    analysis ignores jax.checkpoint around the blocks of a Python loop (the
+    lra ListOps step stayed at 27.06 GB, although jax saved only the block
+    inputs); inside a scan the recomputation cannot move out of the loop's
+    backward iteration. A scan whose body is not rematerialised holds more
+    than the loop (its residuals are stacked, not fused away), so
+    model.remat='attention' keeps the loop.
+
+    Layers whose static attributes differ (a seeded kind's per-layer seed,
+    layer_spec) have different graph defs: the body then picks its layer's
+    with lax.switch."""
+    graphdefs, states = zip(*(nnx.split(block) for block in self.blocks))
+    distinct, branch = [], []
+    for graphdef in graphdefs:
+      if graphdef not in distinct:
+        distinct.append(graphdef)
+      branch.append(distinct.index(graphdef))
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    drop = None if dropout_rngs[0] is None else jnp.stack(dropout_rngs)
+    causal = self.causal
+
+    def run(graphdef, state, x, i, dropout_rng):
+      return nnx.merge(graphdef, state)(
+          x, lengths, causal=causal,
+          attention_rng=jax.random.fold_in(attention_rng, i),
+          dropout_rng=dropout_rng)
+
+    def body(x, xs):
+      state, i, b, dropout_rng = xs
+      x = constrain_activations(x)
+      if len(distinct) == 1:
+        return run(distinct[0], state, x, i, dropout_rng), None
+      return jax.lax.switch(b, [functools.partial(run, g) for g in distinct],
+                            state, x, i, dropout_rng), None
+
+    if self.remat == 'block':
+      body = jax.checkpoint(body, policy=REMAT_POLICY)
+    x, _ = jax.lax.scan(body, x, (stacked, jnp.arange(len(graphdefs)),
+                                  jnp.asarray(branch, jnp.int32), drop))
+    return x
 
   def decode_init(self, batch, max_len, *, attention_rng):
     """[layers] of causal decoding states (av.decode_init), each with the

@@ -45,7 +45,7 @@ from utils import paths
 # bits of floating point, never in what they mean.
 RUN_CONTROL_FIELDS = ('data_dir', 'train.log_every', 'train.checkpoint_every',
                       'train.eval_batch_size', 'train.grad_accum_steps',
-                      'attention.implementation')
+                      'model.remat', 'attention.implementation')
 # Blocks that never change what is trained: what to generate and score at the
 # end; the device mesh (the same global batch and model on any layout, to
 # float32 rounding: tests/test_mesh.py), so a run resumes on other hardware.
