@@ -134,9 +134,11 @@ def out_of_memory(e: BaseException) -> bool:
   return 'RESOURCE_EXHAUSTED' in text or 'out of memory' in text.lower()
 
 
-MEMORY_KNOBS = ('lower train.batch_size, split it with '
-                'train.grad_accum_steps, shorten the sequences or shrink the '
-                'model, or spread the batch over more devices')
+MEMORY_KNOBS = ("set model.remat='block', lower train.batch_size, split it "
+                'with train.grad_accum_steps, shorten the sequences or '
+                'shrink the model, or spread the batch (mesh.data, '
+                'mesh.fsdp) or the sequence (mesh.sequence) over more '
+                'devices')
 
 
 def _gb(n: float) -> str:
